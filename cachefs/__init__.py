@@ -1,0 +1,1 @@
+"""cachefs: a caching FUSE filesystem for object storage."""

@@ -1,0 +1,1 @@
+"""The local data cache (``store``), its admission/eviction policy, and the prefetcher."""

@@ -1,0 +1,307 @@
+"""Object data on local disk, indexed in LMDB.
+
+Small objects (up to ``BLOCK_SIZE``) are one block; larger objects are cut into blocks so that a
+few KB read from a 10 GB object costs one block. A block lives in ``data/XX/<ino>.<block>.<etag
+hash>``; it is written to a temporary file in the same directory, renamed into place, and only
+then recorded in the LMDB ``blocks`` table. So an entry always names a complete file, and a crash
+leaves at worst a file without an entry, which ``fsck`` removes at the next start.
+
+Admission and eviction (``--cache-policy``):
+- ``stable`` (default): when the cache is full, new data is admitted only by evicting entries
+  unused for ``idle_evict`` seconds. A training job reading a shuffled dataset larger than the
+  cache keeps a fixed subset, so every epoch hits ``capacity / dataset`` of its reads — the best
+  any cache can do for a random order — instead of LRU's near-zero; and a node that moves on to
+  another dataset still ages the old one out.
+- ``lru``: evict the least recently used entries down to ``LOW_WATERMARK``.
+
+Access times are kept in memory and written to LMDB in batches (``flush_atimes``), so a cache
+hit costs no write transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import trio
+
+from .. import metrics
+from ..metadata.store import (
+    MetadataStore,
+    block_key,
+    etag_hash,
+    pack_block,
+    unpack_block,
+    unpack_block_key,
+)
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 4 << 20  # 4 MiB: one GET per block is ~1 RTT + 4 MiB of transfer
+LOW_WATERMARK = 0.9  # LRU evicts down to 90% so that eviction runs in batches, not per block
+TMP_SUFFIX = ".tmp"
+IDLE_RESCAN = 60.0  # seconds between scans for idle entries when the stable cache is full
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRef:
+    ino: int
+    block: int
+    etag: str
+    size: int  # bytes in this block
+
+
+class DataCache:
+    def __init__(self, root: str, meta: MetadataStore, capacity: int, policy: str,
+                 idle_evict: float) -> None:
+        self.root = root
+        self.meta = meta
+        self.capacity = capacity
+        self.policy = policy
+        self.idle_evict = idle_evict
+        self.used = 0
+        self.full = False  # the last admission was refused (stable policy) or the disk is full
+        self.disk_limiter = trio.CapacityLimiter(16)  # concurrent file reads/writes
+        self._atimes: dict[bytes, int] = {}
+        self._evicting = trio.Lock()
+        self._no_idle_until = 0.0
+        os.makedirs(os.path.join(root, "data"), mode=0o700, exist_ok=True)
+        metrics.cache_capacity.set(capacity)
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def path(self, ino: int, block: int, etag: str) -> str:
+        return os.path.join(self.root, "data", f"{ino & 0xFF:02x}",
+                            f"{ino}.{block}.{etag_hash(etag):016x}")
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def fsck(self) -> tuple[int, int, int]:
+        """Make the index and the files agree (blocking; run in a thread at start).
+        Returns (entries dropped, files removed, bytes in cache)."""
+        dropped = removed = used = 0
+        expected: set[str] = set()
+        stale: list[bytes] = []
+        with self.meta.env.begin() as txn:
+            for key, val in txn.cursor(db=self.meta.blocks):
+                ino, block = unpack_block_key(bytes(key))
+                etag_h, size, _ = unpack_block(bytes(val))
+                name = f"{ino}.{block}.{etag_h:016x}"
+                path = os.path.join(self.root, "data", f"{ino & 0xFF:02x}", name)
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    st = None
+                if st is None or st.st_size != size:
+                    stale.append(bytes(key))
+                    continue
+                expected.add(name)
+                used += size
+        if stale:
+            with self.meta.env.begin(write=True) as txn:
+                for key in stale:
+                    txn.delete(key, db=self.meta.blocks)
+            dropped = len(stale)
+        data = os.path.join(self.root, "data")
+        for sub in os.listdir(data):
+            subdir = os.path.join(data, sub)
+            if not os.path.isdir(subdir):
+                continue
+            for name in os.listdir(subdir):
+                if name not in expected:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(subdir, name))
+                    removed += 1
+        self.used = used
+        metrics.cache_used.set(used)
+        return dropped, removed, used
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def lookup(self, ref: BlockRef) -> str | None:
+        """Path of the cached block if present and of the right version."""
+        key = block_key(ref.ino, ref.block)
+        with self.meta.env.begin() as txn:
+            raw = txn.get(key, db=self.meta.blocks)
+        if raw is None:
+            return None
+        etag_h, size, _ = unpack_block(bytes(raw))
+        if etag_h != etag_hash(ref.etag) or size != ref.size:
+            return None
+        self._atimes[key] = int(time.time())
+        return self.path(ref.ino, ref.block, ref.etag)
+
+    def contains(self, ref: BlockRef) -> bool:
+        with self.meta.env.begin() as txn:
+            raw = txn.get(block_key(ref.ino, ref.block), db=self.meta.blocks)
+        return raw is not None and unpack_block(bytes(raw))[0] == etag_hash(ref.etag)
+
+    async def read(self, path: str, offset: int, size: int) -> bytes | None:
+        """Bytes from a cached block file, or None if it vanished (treated as a miss)."""
+        def pread() -> bytes | None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            try:
+                return os.pread(fd, size, offset)
+            finally:
+                os.close(fd)
+
+        return await trio.to_thread.run_sync(pread, limiter=self.disk_limiter)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def store(self, ref: BlockRef, data: bytes, *, evict: bool = True) -> bool:
+        """Cache a downloaded block. Returns False if it was not admitted (cache full, disk
+        full); the caller still has the data. ``evict=False`` (prefetch) never evicts."""
+        if len(data) != ref.size:
+            raise ValueError("block size mismatch")
+        if self.used + ref.size > self.capacity and not await self._make_room(ref.size, evict):
+            metrics.cache_rejected.inc()
+            self.full = True
+            return False
+        path = self.path(ref.ino, ref.block, ref.etag)
+
+        def write() -> None:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.{id(data):x}{TMP_SUFFIX}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            os.close(fd)
+            os.rename(tmp, path)
+
+        try:
+            await trio.to_thread.run_sync(write, limiter=self.disk_limiter)
+        except OSError as exc:
+            metrics.cache_write_errors.inc()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                if not self.full:
+                    log.warning("cache dir %s is full; serving from the backend without caching", self.root)
+                self.full = True
+            else:
+                log.warning("cannot write cache file: %s", exc.strerror)
+            return False
+        key = block_key(ref.ino, ref.block)
+        with self.meta.env.begin(write=True) as txn:
+            old = txn.get(key, db=self.meta.blocks)
+            txn.put(key, pack_block(etag_hash(ref.etag), ref.size, int(time.time())), db=self.meta.blocks)
+        if old is not None:
+            old_h, old_size, _ = unpack_block(bytes(old))
+            self.used -= old_size
+            if old_h != etag_hash(ref.etag):
+                self._unlink_later(ref.ino, ref.block, old_h)
+        self.used += ref.size
+        self.full = False
+        metrics.cache_used.set(self.used)
+        return True
+
+    def _unlink_later(self, ino: int, block: int, etag_h: int) -> None:
+        path = os.path.join(self.root, "data", f"{ino & 0xFF:02x}", f"{ino}.{block}.{etag_h:016x}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # unlink of a small file: microseconds, fine on the trio thread
+
+    def drop_inodes(self, inos: list[int]) -> None:
+        """Forget every cached block of these files (deleted or changed in the bucket)."""
+        if not inos:
+            return
+        victims: list[tuple[bytes, int, int, int]] = []
+        with self.meta.env.begin(write=True) as txn:
+            cur = txn.cursor(db=self.meta.blocks)
+            for ino in inos:
+                prefix = block_key(ino, 0)[:8]
+                if not cur.set_range(prefix):
+                    continue
+                for key, val in cur:
+                    if not bytes(key).startswith(prefix):
+                        break
+                    etag_h, size, _ = unpack_block(bytes(val))
+                    victims.append((bytes(key), ino, etag_h, size))
+            for key, *_ in victims:
+                txn.delete(key, db=self.meta.blocks)
+        for key, ino, etag_h, size in victims:
+            self._unlink_later(ino, unpack_block_key(key)[1], etag_h)
+            self.used -= size
+        metrics.cache_used.set(self.used)
+
+    # -- policy -----------------------------------------------------------------------------
+
+    async def _make_room(self, need: int, evict: bool) -> bool:
+        if not evict:
+            return False
+        async with self._evicting:
+            if self.used + need <= self.capacity:
+                return True
+            if self.policy == "lru":
+                target = int(self.capacity * LOW_WATERMARK) - need
+                cutoff = None
+            else:
+                if time.monotonic() < self._no_idle_until:
+                    return False
+                # Free a batch (not just this block) so the index is scanned rarely.
+                target = min(self.capacity - need, int(self.capacity * LOW_WATERMARK))
+                cutoff = time.time() - self.idle_evict
+            self.flush_atimes()
+            chosen = await trio.to_thread.run_sync(self._pick_victims, self.used - max(0, target),
+                                                   cutoff)
+            if chosen is None:
+                # Nothing idle enough: the cache keeps its stable subset. Scanning again for
+                # every miss would cost O(entries) each; look again in a while.
+                self._no_idle_until = time.monotonic() + IDLE_RESCAN
+                return False
+            with self.meta.env.begin(write=True) as txn:
+                for key, _, _ in chosen:
+                    txn.delete(key, db=self.meta.blocks)
+            for key, etag_h, size in chosen:
+                ino, block = unpack_block_key(key)
+                self._unlink_later(ino, block, etag_h)
+                self.used -= size
+            metrics.cache_evictions.inc(len(chosen))
+            metrics.cache_used.set(self.used)
+            return self.used + need <= self.capacity
+
+    def _pick_victims(self, amount: int, cutoff: float | None) -> list[tuple[bytes, int, int]] | None:
+        """Entries totalling at least ``amount`` bytes, oldest access first, only those older
+        than ``cutoff`` if given; None if there are not enough. Scans the index: runs in a
+        thread with its own read transaction."""
+        candidates: list[tuple[int, bytes, int, int]] = []
+        with self.meta.env.begin() as txn:
+            for key, val in txn.cursor(db=self.meta.blocks):
+                etag_h, size, atime = unpack_block(bytes(val))
+                if cutoff is None or atime < cutoff:
+                    candidates.append((atime, bytes(key), etag_h, size))
+        candidates.sort()
+        chosen = []
+        total = 0
+        for _, key, etag_h, size in candidates:
+            if total >= amount:
+                break
+            chosen.append((key, etag_h, size))
+            total += size
+        if total < amount and cutoff is not None and not chosen:
+            return None  # stable policy: not enough idle data; keep what we have
+        return chosen
+
+    def flush_atimes(self) -> None:
+        """Write the batched access times to LMDB."""
+        if not self._atimes:
+            return
+        pending, self._atimes = self._atimes, {}
+        with self.meta.env.begin(write=True) as txn:
+            for key, atime in pending.items():
+                raw = txn.get(key, db=self.meta.blocks)
+                if raw is not None:
+                    etag_h, size, _ = unpack_block(bytes(raw))
+                    txn.put(key, pack_block(etag_h, size, atime), db=self.meta.blocks)

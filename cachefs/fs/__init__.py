@@ -1,0 +1,1 @@
+"""The filesystem: core logic (``core``, testable without FUSE) and the pyfuse3 adapter."""

@@ -1,0 +1,209 @@
+"""The pyfuse3 adapter: converts types and maps exceptions to errno, in one place.
+
+Every handler runs through ``_op``: an ``FsError`` becomes its errno, an unexpected exception is
+logged with its traceback and becomes EIO, and nothing else escapes. Inodes are persistent (they
+live in LMDB and are never reused), so lookup counts need no bookkeeping and ``forget`` is a
+no-op.
+
+Kernel caching: entries and attributes are cached for the metadata TTL and file data is kept in
+the page cache across opens (``keep_cache``), so repeated reads of unchanged data never reach the
+daemon. The kernel's "no open" mode (answering ``open`` with ENOSYS) would save two requests per
+file, but pyfuse3 passes only the file handle to ``read`` (not the inode), and in that mode the
+handle is always 0: reads could not be served, so it is not used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import pyfuse3
+from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, InodeT, StatvfsData
+
+from .. import metrics
+from ..metadata import Record
+from .core import CoreFS, FsError
+
+log = logging.getLogger(__name__)
+
+CONTROL_XATTR = b"user.cachefs.control"
+BLKSIZE = 128 * 1024  # what stat reports as the preferred I/O size: one FUSE read request
+
+
+class CachefsOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, core: CoreFS, control_path: str) -> None:
+        super().__init__()
+        self.core = core
+        self.control_path = control_path.encode()
+
+    @contextlib.asynccontextmanager
+    async def _op(self, name: str) -> AsyncIterator[None]:
+        start = time.monotonic()
+        metrics.fuse_operations.labels(name).inc()
+        try:
+            yield
+        except FsError as exc:
+            metrics.fuse_errors.labels(name, metrics.errno_name(exc.errno)).inc()
+            if exc.errno not in (errno.ENOENT, errno.ENODATA):
+                log.debug("%s: %s", name, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except pyfuse3.FUSEError as exc:
+            metrics.fuse_errors.labels(name, metrics.errno_name(exc.errno)).inc()
+            raise
+        except Exception:
+            metrics.fuse_errors.labels(name, "EIO").inc()
+            log.exception("unexpected error in %s", name)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            metrics.fuse_duration.labels(name).observe(time.monotonic() - start)
+
+    def _attr(self, rec: Record) -> EntryAttributes:
+        s = self.core.settings
+        attr = EntryAttributes()
+        attr.st_ino = InodeT(rec.ino)
+        attr.generation = 0
+        ttl = s.metadata_ttl
+        attr.entry_timeout = ttl
+        attr.attr_timeout = ttl
+        if rec.is_dir:
+            attr.st_mode = stat.S_IFDIR | s.dir_mode
+            attr.st_nlink = 2
+            attr.st_size = 0
+        else:
+            attr.st_mode = stat.S_IFREG | s.file_mode
+            attr.st_nlink = 1
+            attr.st_size = rec.size
+        attr.st_uid = s.uid
+        attr.st_gid = s.gid
+        attr.st_blksize = BLKSIZE
+        attr.st_blocks = (attr.st_size + 511) // 512
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = rec.mtime_ns or s.dir_mtime_ns
+        return attr
+
+    async def lookup(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> EntryAttributes:
+        async with self._op("lookup"):
+            if name == b".":
+                return self._attr(self.core.record(parent_inode))
+            if name == b"..":
+                return self._attr(self.core.record(self.core.record(parent_inode).parent))
+            return self._attr(await self.core.lookup(parent_inode, name))
+        raise AssertionError("unreachable")
+
+    async def getattr(self, inode: InodeT, ctx: pyfuse3.RequestContext | None = None) -> EntryAttributes:
+        async with self._op("getattr"):
+            return self._attr(self.core.record(inode))
+        raise AssertionError("unreachable")
+
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        return None
+
+    async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
+        async with self._op("opendir"):
+            if not self.core.record(inode).is_dir:
+                raise FsError(errno.ENOTDIR)
+            return FileHandleT(inode)
+        raise AssertionError("unreachable")
+
+    async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # start_id is the inode of the last entry already returned (0 at the start); entries are
+        # in name order, so the listing resumes after that entry's name.
+        async with self._op("readdir"):
+            after = None
+            if start_id:
+                prev = self.core.meta.get(start_id)
+                if prev is None:
+                    return  # the entry vanished between two calls; end this listing
+                after = os.fsencode(prev.rel.rstrip("/").rpartition("/")[2])
+            while True:
+                batch = await self.core.readdir(fh, after, 256)
+                if not batch:
+                    return
+                for name, rec in batch:
+                    if not pyfuse3.readdir_reply(token, name, self._attr(rec), rec.ino):
+                        return
+                after = batch[-1][0]
+
+    async def releasedir(self, fh: FileHandleT) -> None:
+        return None
+
+    async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
+        async with self._op("open"):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+                raise FsError(errno.EROFS)
+            fh = self.core.open(inode)
+            return FileInfo(fh=FileHandleT(fh), keep_cache=True)
+        raise AssertionError("unreachable")
+
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        async with self._op("read"):
+            return await self.core.read(fh, off, size)
+        raise AssertionError("unreachable")
+
+    async def release(self, fh: FileHandleT) -> None:
+        self.core.release(fh)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> StatvfsData:
+        async with self._op("statfs"):
+            files, size = self.core.meta.totals()
+            st = StatvfsData()
+            st.f_bsize = 4096
+            st.f_frsize = 4096
+            st.f_blocks = (size + 4095) // 4096
+            st.f_bfree = 0
+            st.f_bavail = 0
+            st.f_files = files
+            st.f_ffree = 0
+            st.f_favail = 0
+            st.f_namemax = 255
+            return st
+        raise AssertionError("unreachable")
+
+    async def getxattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        async with self._op("getxattr"):
+            if inode == pyfuse3.ROOT_INODE and name == CONTROL_XATTR:
+                return self.control_path
+            raise FsError(errno.ENODATA)
+        raise AssertionError("unreachable")
+
+    async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return [CONTROL_XATTR] if inode == pyfuse3.ROOT_INODE else []
+
+    # A read-only filesystem: the mount is "ro" so the kernel refuses most writes itself; these
+    # answer the rest.
+    async def _erofs(self, name: str) -> None:
+        async with self._op(name):
+            raise FsError(errno.EROFS)
+
+    async def setattr(self, *args: object, **kwargs: object) -> EntryAttributes:
+        await self._erofs("setattr")
+        raise AssertionError("unreachable")
+
+    async def create(self, *args: object, **kwargs: object) -> tuple[FileInfo, EntryAttributes]:
+        await self._erofs("create")
+        raise AssertionError("unreachable")
+
+    async def mkdir(self, *args: object, **kwargs: object) -> EntryAttributes:
+        await self._erofs("mkdir")
+        raise AssertionError("unreachable")
+
+    async def unlink(self, *args: object, **kwargs: object) -> None:
+        await self._erofs("unlink")
+
+    async def rmdir(self, *args: object, **kwargs: object) -> None:
+        await self._erofs("rmdir")
+
+    async def rename(self, *args: object, **kwargs: object) -> None:
+        await self._erofs("rename")
+
+    async def write(self, *args: object, **kwargs: object) -> int:
+        await self._erofs("write")
+        raise AssertionError("unreachable")

@@ -1,0 +1,365 @@
+"""The LMDB store: listing, stable inode numbers, and the data-cache index.
+
+Layout (one LMDB environment per cache namespace, four named databases):
+
+    inodes   ino (u64 BE)                    -> Record (struct header + etag + key)
+    dirents  parent ino (u64 BE) + name      -> child ino (u64 BE)
+    blocks   ino (u64 BE) + block (u32 BE)   -> etag hash (u64) + size (u64) + atime (u32)
+    meta     b"schema", b"next_ino", b"files", b"bytes"
+
+Invariants:
+- Every dirent points at an inode record whose parent is the dirent's parent, and every inode
+  except the root has exactly one dirent. Inode numbers are never reused, so they are stable for
+  as long as the cache dir lives.
+- A directory's ``listed_at`` is the start time of the last *complete* listing that covered it;
+  each entry's ``seen`` is the start time of the last listing that saw it. After a complete
+  listing started at T, children with ``seen < T`` are gone from the bucket and are removed.
+- A block entry exists only once its data file is complete (see ``cache.store``).
+
+Transactions are short and run on the trio thread (microseconds to a few milliseconds for a page
+of 1,000 keys). The environment is opened with ``sync=False``: a killed daemon loses nothing (the
+OS has the pages); after a power loss the namespace may be discarded and rebuilt, which for a
+cache is the right trade against an fsync per listing page.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import lmdb
+
+from .names import decode_name, encode_name, split_key
+
+log = logging.getLogger(__name__)
+
+SCHEMA = b"cachefs-1"
+ROOT_INODE = 1
+MAP_SIZE = 1 << 40  # address space only; the file grows with use (1M objects ~ 300 MB)
+
+_U64 = struct.Struct(">Q")
+_BLOCK_KEY = struct.Struct(">QI")
+_BLOCK_VAL = struct.Struct(">QQI")
+_REC = struct.Struct(">BQQqddB")  # kind, parent, size, mtime_ns, seen, listed_at, etag length
+
+
+class Kind(enum.IntEnum):
+    FILE = 1
+    DIR = 2
+
+
+@dataclass(slots=True)
+class Record:
+    ino: int
+    kind: Kind
+    parent: int
+    size: int
+    mtime_ns: int
+    etag: str
+    seen: float
+    listed_at: float  # directories only; 0 = never listed completely
+    rel: str  # key relative to the mount root; "" for the root, directories end in "/"
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind is Kind.DIR
+
+    def pack(self) -> bytes:
+        etag = self.etag.encode()
+        return (_REC.pack(self.kind, self.parent, self.size, self.mtime_ns, self.seen,
+                          self.listed_at, len(etag)) + etag + encode_name(self.rel))
+
+    @classmethod
+    def unpack(cls, ino: int, raw: bytes) -> Record:
+        kind, parent, size, mtime_ns, seen, listed_at, elen = _REC.unpack_from(raw)
+        off = _REC.size
+        etag = raw[off:off + elen].decode()
+        rel = decode_name(bytes(raw[off + elen:]))
+        return cls(ino, Kind(kind), parent, size, mtime_ns, etag, seen, listed_at, rel)
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    name: bytes
+    record: Record
+
+
+@dataclass(slots=True)
+class IngestResult:
+    changed: list[int]  # files whose ETag changed: their cached data and kernel pages are stale
+    skipped: int  # keys that cannot be file names (see names.py)
+
+
+def etag_hash(etag: str) -> int:
+    return int.from_bytes(hashlib.blake2b(etag.encode(), digest_size=8).digest(), "big")
+
+
+def block_key(ino: int, block: int) -> bytes:
+    return _BLOCK_KEY.pack(ino, block)
+
+
+def unpack_block_key(raw: bytes) -> tuple[int, int]:
+    ino, block = _BLOCK_KEY.unpack(raw)
+    return ino, block
+
+
+def pack_block(etag_h: int, size: int, atime: int) -> bytes:
+    return _BLOCK_VAL.pack(etag_h, size, atime)
+
+
+def unpack_block(raw: bytes) -> tuple[int, int, int]:
+    etag_h, size, atime = _BLOCK_VAL.unpack(raw)
+    return etag_h, size, atime
+
+
+class MetadataStore:
+    """All persistent metadata of one cache namespace."""
+
+    def __init__(self, path: str) -> None:
+        self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=4, subdir=True, sync=False,
+                             metasync=False, readahead=False, max_readers=512, lock=True)
+        self.inodes = self.env.open_db(b"inodes")
+        self.dirents = self.env.open_db(b"dirents")
+        self.blocks = self.env.open_db(b"blocks")
+        self.meta = self.env.open_db(b"meta")
+        with self.env.begin(write=True) as txn:
+            schema = txn.get(b"schema", db=self.meta)
+            if schema is None:
+                txn.put(b"schema", SCHEMA, db=self.meta)
+                txn.put(b"next_ino", _U64.pack(ROOT_INODE + 1), db=self.meta)
+                root = Record(ROOT_INODE, Kind.DIR, ROOT_INODE, 0, 0, "", 0.0, 0.0, "")
+                txn.put(_U64.pack(ROOT_INODE), root.pack(), db=self.inodes)
+            elif bytes(schema) != SCHEMA:
+                raise RuntimeError(f"cache metadata has schema {bytes(schema)!r}, expected {SCHEMA!r}")
+
+    def close(self) -> None:
+        self.env.sync(True)
+        self.env.close()
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def get(self, ino: int) -> Record | None:
+        with self.env.begin() as txn:
+            raw = txn.get(_U64.pack(ino), db=self.inodes)
+            return Record.unpack(ino, raw) if raw is not None else None
+
+    def lookup(self, parent: int, name: bytes) -> Record | None:
+        with self.env.begin() as txn:
+            child = txn.get(_U64.pack(parent) + name, db=self.dirents)
+            if child is None:
+                return None
+            ino = _U64.unpack(child)[0]
+            raw = txn.get(child, db=self.inodes)
+            return Record.unpack(ino, raw) if raw is not None else None
+
+    def children(self, parent: int, after: bytes | None = None, limit: int = 1 << 62) -> list[DirEntry]:
+        """Up to ``limit`` entries of directory ``parent`` in name order, after name ``after``."""
+        prefix = _U64.pack(parent)
+        out: list[DirEntry] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.dirents)
+            if not cur.set_range(prefix + (after or b"")):
+                return out
+            for key, child in cur:
+                if not key.startswith(prefix):
+                    break
+                name = bytes(key[8:])
+                if after is not None and name == after:
+                    continue
+                raw = txn.get(child, db=self.inodes)
+                if raw is not None:
+                    out.append(DirEntry(name, Record.unpack(_U64.unpack(child)[0], raw)))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def resolve(self, rel_path: str) -> Record | None:
+        """The record for a path relative to the mount root ("" is the root)."""
+        rec = self.get(ROOT_INODE)
+        for part in (p for p in rel_path.split("/") if p):
+            if rec is None or not rec.is_dir:
+                return None
+            rec = self.lookup(rec.ino, encode_name(part))
+        return rec
+
+    def iter_files(self, top: int) -> Iterator[Record]:
+        """Every file below directory ``top``, depth first in name order, in short read txns."""
+        stack = [top]
+        while stack:
+            d = stack.pop()
+            entries = self.children(d)
+            subdirs = []
+            for e in entries:
+                if e.record.is_dir:
+                    subdirs.append(e.record.ino)
+                else:
+                    yield e.record
+            stack.extend(reversed(subdirs))
+
+    def totals(self) -> tuple[int, int]:
+        """(files, bytes) in the listing."""
+        with self.env.begin() as txn:
+            files = txn.get(b"files", db=self.meta)
+            size = txn.get(b"bytes", db=self.meta)
+            return (_U64.unpack(files)[0] if files else 0, _U64.unpack(size)[0] if size else 0)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def _child(self, txn: lmdb.Transaction, child: bytes) -> Record:
+        """The record a dirent value points at (the invariant says it exists)."""
+        raw = txn.get(child, db=self.inodes)
+        assert raw is not None, "dirent without inode record"
+        return Record.unpack(_U64.unpack(child)[0], bytes(raw))
+
+    def _alloc(self, txn: lmdb.Transaction) -> int:
+        ino = _U64.unpack(bytes(txn.get(b"next_ino", db=self.meta) or b""))[0]
+        txn.put(b"next_ino", _U64.pack(ino + 1), db=self.meta)
+        return ino
+
+    def _adjust(self, txn: lmdb.Transaction, files: int, size: int) -> None:
+        if not files and not size:
+            return
+        for key, delta in ((b"files", files), (b"bytes", size)):
+            raw = txn.get(key, db=self.meta)
+            cur = _U64.unpack(raw)[0] if raw else 0
+            txn.put(key, _U64.pack(max(0, cur + delta)), db=self.meta)
+
+    def _ensure_dir(self, txn: lmdb.Transaction, parts: list[str], seen: float,
+                    cache: dict[str, int]) -> int:
+        """Inode of the directory named by ``parts``, creating it (and its parents) as needed."""
+        parent = ROOT_INODE
+        rel = ""
+        for part in parts:
+            rel += part + "/"
+            known = cache.get(rel)
+            if known is not None:
+                parent = known
+                continue
+            dkey = _U64.pack(parent) + encode_name(part)
+            child = txn.get(dkey, db=self.dirents)
+            rec = self._child(txn, bytes(child)) if child else None
+            if rec is not None and rec.kind is Kind.FILE:
+                # A key that is both an object and a prefix: the directory wins.
+                self._remove(txn, rec, [])
+                rec = None
+            if rec is None:
+                rec = Record(self._alloc(txn), Kind.DIR, parent, 0, 0, "", seen, 0.0, rel)
+                txn.put(dkey, _U64.pack(rec.ino), db=self.dirents)
+                txn.put(_U64.pack(rec.ino), rec.pack(), db=self.inodes)
+            elif rec.seen < seen:
+                rec.seen = seen
+                txn.put(_U64.pack(rec.ino), rec.pack(), db=self.inodes)
+            cache[rel] = rec.ino
+            parent = rec.ino
+        return parent
+
+    def ingest(self, objects: Iterable[tuple[str, int, str, float]], prefixes: Iterable[str],
+               seen: float) -> IngestResult:
+        """Record one listing page. ``objects`` are (relative key, size, etag, mtime) and
+        ``prefixes`` relative common prefixes ending in "/"; ``seen`` is the listing's start."""
+        result = IngestResult([], 0)
+        dirs: dict[str, int] = {}
+        with self.env.begin(write=True) as txn:
+            for rel in prefixes:
+                split = split_key(rel)
+                if split is None:
+                    result.skipped += 1
+                    continue
+                self._ensure_dir(txn, split[0], seen, dirs)
+            for rel, size, etag, mtime in objects:
+                split = split_key(rel)
+                if split is None:
+                    result.skipped += 1
+                    continue
+                parts, is_marker = split
+                if is_marker:
+                    self._ensure_dir(txn, parts, seen, dirs)
+                    continue
+                parent = self._ensure_dir(txn, parts[:-1], seen, dirs)
+                dkey = _U64.pack(parent) + encode_name(parts[-1])
+                child = txn.get(dkey, db=self.dirents)
+                mtime_ns = int(mtime * 1e9)
+                if child is None:
+                    rec = Record(self._alloc(txn), Kind.FILE, parent, size, mtime_ns, etag, seen, 0.0, rel)
+                    txn.put(dkey, _U64.pack(rec.ino), db=self.dirents)
+                    self._adjust(txn, 1, size)
+                else:
+                    rec = self._child(txn, bytes(child))
+                    if rec.kind is Kind.DIR:
+                        result.skipped += 1  # the directory wins
+                        continue
+                    if rec.etag != etag or rec.size != size:
+                        result.changed.append(rec.ino)
+                        self._adjust(txn, 0, size - rec.size)
+                    rec.size, rec.etag, rec.mtime_ns, rec.seen = size, etag, mtime_ns, seen
+                txn.put(_U64.pack(rec.ino), rec.pack(), db=self.inodes)
+        return result
+
+    def update_file(self, ino: int, size: int, etag: str, mtime: float) -> Record | None:
+        """Record a HEAD result for one file; returns the new record."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(_U64.pack(ino), db=self.inodes)
+            if raw is None:
+                return None
+            rec = Record.unpack(ino, raw)
+            self._adjust(txn, 0, size - rec.size)
+            rec.size, rec.etag, rec.mtime_ns = size, etag, int(mtime * 1e9)
+            txn.put(_U64.pack(ino), rec.pack(), db=self.inodes)
+            return rec
+
+    def finish_listing(self, top: int, started: float, recursive: bool) -> list[int]:
+        """A complete listing of ``top`` (and, if recursive, everything below it) that started at
+        ``started`` has been ingested: drop what it did not see and mark the directories listed.
+        Returns the inodes of removed files (their cached blocks must go)."""
+        removed: list[int] = []
+        with self.env.begin(write=True) as txn:
+            stack = [top]
+            while stack:
+                d = stack.pop()
+                prefix = _U64.pack(d)
+                cur = txn.cursor(db=self.dirents)
+                stale: list[Record] = []
+                if cur.set_range(prefix):
+                    for key, child in cur:
+                        if not bytes(key).startswith(prefix):
+                            break
+                        rec = self._child(txn, bytes(child))
+                        if rec.seen < started:
+                            stale.append(rec)
+                        elif recursive and rec.is_dir:
+                            stack.append(rec.ino)
+                for rec in stale:
+                    self._remove(txn, rec, removed)
+                raw = txn.get(prefix, db=self.inodes)
+                if raw is not None:
+                    drec = Record.unpack(d, raw)
+                    drec.listed_at = started
+                    txn.put(prefix, drec.pack(), db=self.inodes)
+        return removed
+
+    def _remove(self, txn: lmdb.Transaction, rec: Record, removed: list[int]) -> None:
+        """Delete an entry (a directory with everything below it)."""
+        if rec.is_dir:
+            for entry in self._children_in(txn, rec.ino):
+                self._remove(txn, entry, removed)
+        else:
+            removed.append(rec.ino)
+            self._adjust(txn, -1, -rec.size)
+        name = rec.rel.rstrip("/").rpartition("/")[2]
+        txn.delete(_U64.pack(rec.parent) + encode_name(name), db=self.dirents)
+        txn.delete(_U64.pack(rec.ino), db=self.inodes)
+
+    def _children_in(self, txn: lmdb.Transaction, parent: int) -> list[Record]:
+        prefix = _U64.pack(parent)
+        out = []
+        cur = txn.cursor(db=self.dirents)
+        if cur.set_range(prefix):
+            for key, child in cur:
+                if not bytes(key).startswith(prefix):
+                    break
+                out.append(self._child(txn, bytes(child)))
+        return out

@@ -1,0 +1,342 @@
+"""Daemon wiring: check everything, mount, serve, and unmount cleanly.
+
+Order of events in ``run`` (all errors before the mount are one-line ``CachefsError``s):
+1. check the mountpoint (clean up a stale one) and the cache dir;
+2. lock the cache namespace (a second daemon on it is refused);
+3. open LMDB, reconcile it with the data files (``fsck``), build the backend and check the
+   bucket within a bounded time;
+4. mount, tell the waiting parent (``ready``) and serve until SIGTERM/SIGINT or an external
+   unmount; then stop background work, unmount, and close LMDB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+import trio
+
+from . import control, http, logs, metrics
+from .backends import create_backend
+from .cache.prefetch import Prefetcher
+from .cache.store import DataCache
+from .config import MountConfig
+from .errors import BackendError, MountError, TemporaryFailure, UsageError
+from .fs.adapter import CachefsOperations
+from .fs.core import CoreFS, Settings
+from .metadata import MetadataStore
+from .source import parse_source
+
+log = logging.getLogger(__name__)
+
+CHECK_DEADLINE = 10.0  # seconds to reach the bucket at start before giving up
+ATIME_FLUSH_INTERVAL = 10.0
+SYNC_INTERVAL = 30.0  # LMDB runs without fsync per commit; flush it this often
+ONDEMAND_CONNECTIONS = 64  # backend connections kept free of prefetch for readers
+FUSE_MAX_TASKS = 512  # concurrent FUSE requests in flight
+
+
+def is_stale(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def fuse_unmount(path: str, lazy: bool = False) -> bool:
+    """Unmount with fusermount3 (or umount as root). True if it worked."""
+    cmds = [["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]]
+    if os.geteuid() == 0:
+        cmds.append(["umount"] + (["-l"] if lazy else []) + [path])
+    for cmd in cmds:
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            continue
+        if res.returncode == 0:
+            return True
+    return False
+
+
+def check_mountpoint(path: str) -> None:
+    if is_stale(path):
+        log.warning("%s is a stale mount (its daemon is gone); cleaning it up", path)
+        if not fuse_unmount(path, lazy=True):
+            raise MountError(f"mountpoint {path} is a stale mount and could not be unmounted")
+    if not os.path.exists(path):
+        raise MountError(f"mountpoint {path} does not exist")
+    if not os.path.isdir(path):
+        raise MountError(f"mountpoint {path} is not a directory")
+    if os.path.ismount(path):
+        raise MountError(f"mountpoint {path} is already mounted")
+    try:
+        if os.listdir(path):
+            raise MountError(f"mountpoint {path} is not empty")
+    except PermissionError:
+        raise MountError(f"mountpoint {path} is not readable") from None
+
+
+def prepare_cache_dir(path: str) -> None:
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise MountError(f"cache dir {path} is not writable: {exc.strerror}") from None
+
+
+def lock_namespace(ns_dir: str) -> int:
+    fd = os.open(os.path.join(ns_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise MountError(f"another cachefs daemon (pid {other or '?'}) is using cache "
+                         f"namespace {ns_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def control_socket_path(ns_dir: str) -> str:
+    path = os.path.join(ns_dir, "control.sock")
+    if len(path.encode()) < 100:  # sun_path holds 108 bytes
+        return path
+    digest = hashlib.sha256(ns_dir.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"cachefs-{digest}.sock")
+
+
+class Daemon:
+    def __init__(self, cfg: MountConfig) -> None:
+        self.cfg = cfg
+        self.source = parse_source(cfg.source, endpoint_url=cfg.endpoint_url, account=cfg.account)
+        self.ready = False
+        self.mounted_at = 0.0
+
+    async def run(self, on_ready: Callable[[], None]) -> None:
+        cfg = self.cfg
+        check_mountpoint(cfg.mountpoint)
+        prepare_cache_dir(cfg.cache_dir)
+        ns_dir = os.path.join(cfg.cache_dir, self.source.namespace(cfg.endpoint_url))
+        os.makedirs(ns_dir, mode=0o700, exist_ok=True)
+        lock_fd = lock_namespace(ns_dir)
+        try:
+            await self._run_locked(ns_dir, on_ready)
+        finally:
+            os.close(lock_fd)
+
+    async def _run_locked(self, ns_dir: str, on_ready: Callable[[], None]) -> None:
+        cfg = self.cfg
+        backend = create_backend(self.source, endpoint_url=cfg.endpoint_url, region=cfg.region,
+                                 profile=cfg.profile, account=cfg.account,
+                                 timeout=cfg.backend_timeout,
+                                 max_connections=cfg.prefetch_concurrency + ONDEMAND_CONNECTIONS)
+        logs.redactor.secrets = backend.secrets
+        timeout = backend.timeout
+        backend.timeout = min(timeout, CHECK_DEADLINE)
+        try:
+            with trio.fail_after(CHECK_DEADLINE + 5):
+                await backend.check()
+        except TemporaryFailure as exc:
+            raise BackendError(f"cannot reach {self.source.url}: {exc}") from None
+        except trio.TooSlowError:
+            raise BackendError(f"{self.source.url}: no answer within {CHECK_DEADLINE:.0f} s") from None
+        backend.timeout = timeout
+
+        try:
+            meta = MetadataStore(os.path.join(ns_dir, "meta"))
+        except Exception as exc:  # lmdb.Error or a schema from another version
+            log.warning("cache metadata unusable (%s); starting a fresh namespace", exc)
+            _wipe(ns_dir)
+            meta = MetadataStore(os.path.join(ns_dir, "meta"))
+        cache = DataCache(ns_dir, meta, cfg.cache_size, cfg.cache_policy, cfg.cache_idle_evict)
+        dropped, removed, used = await trio.to_thread.run_sync(cache.fsck)
+        if dropped or removed:
+            log.warning("cache check repaired %d index entries without data and %d data files "
+                        "without entries", dropped, removed)
+        files, size = meta.totals()
+        metrics.listing_objects.set(files)
+        metrics.listing_bytes.set(size)
+        log.info("cache %s: %d bytes cached, %d objects listed", ns_dir, used, files)
+
+        uid = cfg.uid if cfg.uid is not None else os.getuid()
+        gid = cfg.gid if cfg.gid is not None else os.getgid()
+        core = CoreFS(meta, cache, backend, Settings(cfg.metadata_ttl, uid, gid, cfg.file_mode, cfg.dir_mode))
+        prefetcher = Prefetcher(core, cfg.prefetch_concurrency)
+        sock_path = control_socket_path(ns_dir)
+        ops = CachefsOperations(core, sock_path)
+
+        options = {"fsname=cachefs", "subtype=cachefs", "ro", "noatime", "nodev", "nosuid"}
+        if cfg.allow_other:
+            options |= {"allow_other", "default_permissions"}
+        try:
+            pyfuse3.init(ops, cfg.mountpoint, options)
+        except RuntimeError as exc:
+            meta.close()
+            raise MountError(f"cannot mount {cfg.mountpoint}: {exc}") from None
+        self.mounted_at = time.time()
+        invalidate_send, invalidate_recv = trio.open_memory_channel[int](10000)
+
+        def on_changed(inos: list[int]) -> None:
+            for ino in inos:
+                with contextlib.suppress(trio.WouldBlock):
+                    invalidate_send.send_nowait(ino)
+
+        core.on_changed = on_changed
+        server = None
+        try:
+            if cfg.metrics_addr:
+                probe = http.HealthProbe(cfg.mountpoint)
+                server = http.start(cfg.metrics_addr, probe.healthy, self._is_ready(prefetcher))
+            async with trio.open_nursery() as nursery:
+                core.nursery = nursery
+                nursery.start_soon(self._fuse_main, nursery)
+                nursery.start_soon(self._signals, nursery)
+                await nursery.start(control.serve, sock_path, self._control_handler(core, prefetcher))
+                nursery.start_soon(prefetcher.run)
+                nursery.start_soon(self._housekeeping, cache, meta)
+                nursery.start_soon(_invalidator, invalidate_recv)
+                nursery.start_soon(self._initial_listing, core, prefetcher)
+                self.ready = True
+                on_ready()
+        finally:
+            if server is not None:
+                server.shutdown()
+            with contextlib.suppress(Exception):
+                cache.flush_atimes()
+            pyfuse3.close(unmount=True)
+            meta.close()
+            with contextlib.suppress(Exception):
+                await backend.aclose()
+            log.info("unmounted %s", cfg.mountpoint)
+
+    def _is_ready(self, prefetcher: Prefetcher) -> Callable[[], bool]:
+        def ready() -> bool:
+            if not self.ready:
+                return False
+            return not (self.cfg.ready_after_prefetch and not prefetcher.idle.is_set())
+        return ready
+
+    async def _fuse_main(self, nursery: trio.Nursery) -> None:
+        try:
+            await pyfuse3.main(min_tasks=4, max_tasks=FUSE_MAX_TASKS)
+        finally:
+            # Unmounted from outside (fusermount -u) or terminated: stop everything else.
+            nursery.cancel_scope.cancel()
+
+    async def _signals(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    continue
+                log.info("received %s; unmounting", signal.Signals(signum).name)
+                pyfuse3.terminate()
+                nursery.cancel_scope.cancel()
+                return
+
+    async def _initial_listing(self, core: CoreFS, prefetcher: Prefetcher) -> None:
+        if self.cfg.prefetch:
+            prefetcher.submit([""])
+        try:
+            await core.walk()
+        except Exception as exc:
+            log.warning("initial listing failed: %s", exc)
+
+    async def _housekeeping(self, cache: DataCache, meta: MetadataStore) -> None:
+        last_sync = time.monotonic()
+        while True:
+            await trio.sleep(ATIME_FLUSH_INTERVAL)
+            cache.flush_atimes()
+            if time.monotonic() - last_sync > SYNC_INTERVAL:
+                await trio.to_thread.run_sync(meta.env.sync, True)
+                last_sync = time.monotonic()
+
+    def _control_handler(self, core: CoreFS, prefetcher: Prefetcher) -> control.Handler:
+        async def handle(req: dict[str, Any]) -> dict[str, Any]:
+            cmd = req.get("cmd")
+            if cmd == "status":
+                return self.status(core, prefetcher)
+            if cmd == "prefetch":
+                paths = [str(p) for p in req.get("paths") or [""]]
+                try:
+                    prefetcher.submit(paths, ordered=bool(req.get("ordered")))
+                except trio.WouldBlock:
+                    return {"error": "too many prefetch jobs queued; try again later"}
+                return {"queued": len(paths)}
+            return {"error": f"unknown command {cmd!r}"}
+
+        return handle
+
+    def status(self, core: CoreFS, prefetcher: Prefetcher) -> dict[str, Any]:
+        from prometheus_client import REGISTRY
+
+        def sample(name: str, **labels: str) -> float:
+            return REGISTRY.get_sample_value(name, labels or None) or 0.0
+
+        hits, misses = sample("cachefs_cache_hits_total"), sample("cachefs_cache_misses_total")
+        requests = errors = 0.0
+        for op in metrics.BACKEND_OPERATIONS:
+            for outcome in metrics.BACKEND_OUTCOMES:
+                n = sample("cachefs_backend_requests_total", operation=op, outcome=outcome)
+                requests += n
+                if outcome == "error":
+                    errors += n
+        files, size = core.meta.totals()
+        return {
+            "pid": os.getpid(),
+            "source": self.source.url,
+            "mountpoint": self.cfg.mountpoint,
+            "uptime": time.time() - self.mounted_at,
+            "listing": {"objects": files, "bytes": size, "complete": core.listed_once.is_set()},
+            "cache": {"dir": core.cache.root, "used_bytes": core.cache.used,
+                      "capacity_bytes": core.cache.capacity, "policy": core.cache.policy,
+                      "full": core.cache.full},
+            "reads": {"hits": hits, "misses": misses,
+                      "hit_ratio": hits / (hits + misses) if hits + misses else None,
+                      "bytes_from_cache": sample("cachefs_read_bytes_total", source="cache"),
+                      "bytes_from_backend": sample("cachefs_read_bytes_total", source="backend")},
+            "backend": {"requests": requests, "errors": errors,
+                        "error_rate": errors / requests if requests else 0.0,
+                        "retries": sum(sample("cachefs_backend_retries_total", operation=op)
+                                       for op in metrics.BACKEND_OPERATIONS)},
+            "prefetch": prefetcher.progress.as_dict(),
+        }
+
+
+async def _invalidator(recv: trio.MemoryReceiveChannel[int]) -> None:
+    """Drop the kernel's cached pages and attributes of objects that changed in the bucket.
+    Runs in a thread: the kernel may wait on a request the daemon is answering."""
+    async for ino in recv:
+        def inval(ino: int = ino) -> None:
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_inode(pyfuse3.InodeT(ino), attr_only=False)
+        await trio.to_thread.run_sync(inval)
+
+
+def _wipe(ns_dir: str) -> None:
+    import shutil
+
+    for name in ("meta", "data"):
+        shutil.rmtree(os.path.join(ns_dir, name), ignore_errors=True)
+
+
+def run_foreground(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
+    """Run the daemon in this process until it is unmounted."""
+    try:
+        daemon = Daemon(cfg)
+    except UsageError:
+        raise
+    trio.run(daemon.run, on_ready)
