@@ -66,7 +66,7 @@ class DataCache:
         self.used = 0
         self.full = False  # the last admission was refused (stable policy) or the disk is full
         self.disk_limiter = trio.CapacityLimiter(16)  # concurrent file reads/writes
-        self._atimes: dict[bytes, int] = {}
+        self._atimes: dict[bytes, float] = {}
         self._evicting = trio.Lock()
         self._no_idle_until = 0.0
         os.makedirs(os.path.join(root, "data"), mode=0o700, exist_ok=True)
@@ -132,7 +132,7 @@ class DataCache:
         etag_h, size, _ = unpack_block(bytes(raw))
         if etag_h != etag_hash(ref.etag) or size != ref.size:
             return None
-        self._atimes[key] = int(time.time())
+        self._atimes[key] = time.time()
         return self.path(ref.ino, ref.block, ref.etag)
 
     def contains(self, ref: BlockRef) -> bool:
@@ -161,10 +161,12 @@ class DataCache:
         full); the caller still has the data. ``evict=False`` (prefetch) never evicts."""
         if len(data) != ref.size:
             raise ValueError("block size mismatch")
-        if self.used + ref.size > self.capacity and not await self._make_room(ref.size, evict):
-            metrics.cache_rejected.inc()
-            self.full = True
-            return False
+        while self.used + ref.size > self.capacity:
+            if not await self._make_room(ref.size, evict):
+                metrics.cache_rejected.inc()
+                self.full = True
+                return False
+        self.used += ref.size  # reserved now: concurrent stores must not overshoot the capacity
         path = self.path(ref.ino, ref.block, ref.etag)
 
         def write() -> None:
@@ -185,7 +187,10 @@ class DataCache:
 
         try:
             await trio.to_thread.run_sync(write, limiter=self.disk_limiter)
-        except OSError as exc:
+        except BaseException as exc:
+            self.used -= ref.size
+            if not isinstance(exc, OSError):
+                raise
             metrics.cache_write_errors.inc()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 if not self.full:
@@ -197,13 +202,12 @@ class DataCache:
         key = block_key(ref.ino, ref.block)
         with self.meta.env.begin(write=True) as txn:
             old = txn.get(key, db=self.meta.blocks)
-            txn.put(key, pack_block(etag_hash(ref.etag), ref.size, int(time.time())), db=self.meta.blocks)
+            txn.put(key, pack_block(etag_hash(ref.etag), ref.size, time.time()), db=self.meta.blocks)
         if old is not None:
             old_h, old_size, _ = unpack_block(bytes(old))
             self.used -= old_size
             if old_h != etag_hash(ref.etag):
                 self._unlink_later(ref.ino, ref.block, old_h)
-        self.used += ref.size
         self.full = False
         metrics.cache_used.set(self.used)
         return True
@@ -276,7 +280,7 @@ class DataCache:
         """Entries totalling at least ``amount`` bytes, oldest access first, only those older
         than ``cutoff`` if given; None if there are not enough. Scans the index: runs in a
         thread with its own read transaction."""
-        candidates: list[tuple[int, bytes, int, int]] = []
+        candidates: list[tuple[float, bytes, int, int]] = []
         with self.meta.env.begin() as txn:
             for key, val in txn.cursor(db=self.meta.blocks):
                 etag_h, size, atime = unpack_block(bytes(val))

@@ -4,7 +4,7 @@ Layout (one LMDB environment per cache namespace, four named databases):
 
     inodes   ino (u64 BE)                    -> Record (struct header + etag + key)
     dirents  parent ino (u64 BE) + name      -> child ino (u64 BE)
-    blocks   ino (u64 BE) + block (u32 BE)   -> etag hash (u64) + size (u64) + atime (u32)
+    blocks   ino (u64 BE) + block (u32 BE)   -> etag hash (u64) + size (u64) + atime (f64)
     meta     b"schema", b"next_ino", b"files", b"bytes"
 
 Invariants:
@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ MAP_SIZE = 1 << 40  # address space only; the file grows with use (1M objects ~ 
 
 _U64 = struct.Struct(">Q")
 _BLOCK_KEY = struct.Struct(">QI")
-_BLOCK_VAL = struct.Struct(">QQI")
+_BLOCK_VAL = struct.Struct(">QQd")  # etag hash, size, last access (s, float: LRU needs order)
 _REC = struct.Struct(">BQQqddB")  # kind, parent, size, mtime_ns, seen, listed_at, etag length
 
 
@@ -107,11 +108,11 @@ def unpack_block_key(raw: bytes) -> tuple[int, int]:
     return ino, block
 
 
-def pack_block(etag_h: int, size: int, atime: int) -> bytes:
+def pack_block(etag_h: int, size: int, atime: float) -> bytes:
     return _BLOCK_VAL.pack(etag_h, size, atime)
 
 
-def unpack_block(raw: bytes) -> tuple[int, int, int]:
+def unpack_block(raw: bytes) -> tuple[int, int, float]:
     etag_h, size, atime = _BLOCK_VAL.unpack(raw)
     return etag_h, size, atime
 
@@ -120,8 +121,9 @@ class MetadataStore:
     """All persistent metadata of one cache namespace."""
 
     def __init__(self, path: str) -> None:
+        os.makedirs(path, mode=0o700, exist_ok=True)
         self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=4, subdir=True, sync=False,
-                             metasync=False, readahead=False, max_readers=512, lock=True)
+                             metasync=False, readahead=False, max_readers=512, lock=True, mode=0o600)
         self.inodes = self.env.open_db(b"inodes")
         self.dirents = self.env.open_db(b"dirents")
         self.blocks = self.env.open_db(b"blocks")
