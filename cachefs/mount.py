@@ -288,10 +288,12 @@ class Daemon:
 
         hits, misses = sample("cachefs_cache_hits_total"), sample("cachefs_cache_misses_total")
         requests = errors = 0.0
+        by_operation: dict[str, float] = {}
         for op in metrics.BACKEND_OPERATIONS:
             for outcome in metrics.BACKEND_OUTCOMES:
                 n = sample("cachefs_backend_requests_total", operation=op, outcome=outcome)
                 requests += n
+                by_operation[op] = by_operation.get(op, 0.0) + n
                 if outcome == "error":
                     errors += n
         files, size = core.meta.totals()
@@ -308,7 +310,7 @@ class Daemon:
                       "hit_ratio": hits / (hits + misses) if hits + misses else None,
                       "bytes_from_cache": sample("cachefs_read_bytes_total", source="cache"),
                       "bytes_from_backend": sample("cachefs_read_bytes_total", source="backend")},
-            "backend": {"requests": requests, "errors": errors,
+            "backend": {"requests": requests, "errors": errors, "by_operation": by_operation,
                         "error_rate": errors / requests if requests else 0.0,
                         "retries": sum(sample("cachefs_backend_retries_total", operation=op)
                                        for op in metrics.BACKEND_OPERATIONS)},
