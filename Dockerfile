@@ -1,0 +1,81 @@
+# cachefs container image: the FUSE daemon, for a Kubernetes sidecar or DaemonSet (see k8s/).
+#
+#   docker build -t cachefs:dev .
+#   docker run --rm --privileged -e CACHEFS_SOURCE=s3://bucket/prefix \
+#       -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -p 9100:9100 cachefs:dev
+#
+# Two stages: the first compiles pyfuse3 against libfuse3 (and installs every other dependency)
+# into a virtualenv; the second copies that virtualenv into a slim image that has the fuse3
+# runtime but no compiler. Both use the same base image, so the virtualenv's interpreter path
+# is valid in both.
+#
+# Package versions are pinned to Debian 12 (bookworm), the release of the pinned base image.
+
+ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# build-essential + pkg-config + libfuse3-dev: pyfuse3 has no binary wheels and builds against
+# libfuse3. Nothing from this stage but /opt/cachefs reaches the final image.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        build-essential=12.9 \
+        libfuse3-dev=3.14.0-4 \
+        pkg-config=1.8.1-1 \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+
+RUN python -m venv /opt/cachefs
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY cachefs/ cachefs/
+# A regular (not editable) install: the package and the dependencies declared in pyproject.toml.
+RUN /opt/cachefs/bin/pip install --no-cache-dir . \
+    && /opt/cachefs/bin/cachefs --help >/dev/null
+
+
+FROM ${PYTHON_IMAGE}
+
+# fuse3: fusermount3 (cachefs unmount uses it) and libfuse3-3, which pyfuse3 links against.
+# tini: a minimal PID 1 that forwards SIGTERM to cachefs and reaps the fusermount3 children.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        fuse3=3.14.0-4 \
+        libfuse3-3=3.14.0-4 \
+        tini=0.19.0-1+b3 \
+    && rm -rf /var/lib/apt/lists/*
+
+COPY --from=build /opt/cachefs /opt/cachefs
+COPY daemon/entrypoint.sh /usr/local/bin/cachefs-entrypoint
+COPY daemon/cachefs.toml /etc/cachefs/cachefs.toml
+
+# The metrics server listens on all interfaces inside the container so that Prometheus (and the
+# kubelet's probes) can reach it; outside a container cachefs defaults to 127.0.0.1. As the
+# environment beats the config file, change the address with CACHEFS_METRICS_ADDR, not the file.
+ENV PATH=/opt/cachefs/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    CACHEFS_CONFIG=/etc/cachefs/cachefs.toml \
+    CACHEFS_METRICS_ADDR=0.0.0.0:9100
+
+# Runs as root, on purpose: mounting a FUSE filesystem needs CAP_SYS_ADMIN and /dev/fuse, and in
+# Kubernetes mount propagation to other containers (Bidirectional) is only allowed for privileged
+# containers. fusermount3 cannot help a non-root user here either: it is setuid root, which a
+# container started without privileges (no_new_privs, no CAP_SYS_ADMIN) cannot use. The files
+# cachefs serves are shown read-only (0444/0555) to every user, so the consumers (the training
+# containers) run unprivileged and as any user.
+
+# The default cache_dir; mount a local SSD (or a tmpfs) here.
+VOLUME ["/var/cache/cachefs"]
+EXPOSE 9100
+
+# /healthz answers 200 while a real request through the mount completes within 5 s.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('CACHEFS_METRICS_ADDR', '9100').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=8)"]
+
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["tini", "--", "cachefs-entrypoint"]
