@@ -39,7 +39,7 @@ def _counters(mnt: str) -> dict[str, Any]:
                          capture_output=True, text=True, check=True).stdout
     import json
 
-    return json.loads(out)  # type: ignore[no-any-return]
+    return json.loads(out)
 
 
 def _epoch(mnt: str, paths: list[str], digests: dict[str, str], seed: int) -> tuple[float, int]:
