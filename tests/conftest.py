@@ -1,0 +1,27 @@
+"""Session-wide real servers on 127.0.0.1: moto, SeaweedFS and Azurite (started on first use)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from cachefs.testing.servers import Server, azurite_server, moto_server, seaweed_server
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[Server]:
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[Server]:
+    with seaweed_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Server]:
+    with azurite_server() as server:
+        yield server
