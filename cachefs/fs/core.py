@@ -65,6 +65,7 @@ class Handle:
     next_offset: int = 0  # where a sequential reader reads next
     window: int = 1  # readahead window in blocks; doubles while the reader stays sequential
     ahead_until: int = 0  # blocks below this have been scheduled
+    counted: set[int] = field(default_factory=set)  # blocks already counted as a hit or a miss
 
 
 @dataclass
@@ -229,7 +230,7 @@ class CoreFS:
         for block in range(first, last + 1):
             bstart = block * BLOCK_SIZE
             lo, hi = max(offset, bstart) - bstart, min(end, bstart + BLOCK_SIZE) - bstart
-            parts.append(await self._read_block(rec, block, lo, hi - lo))
+            parts.append(await self._read_block(handle, block, lo, hi - lo))
         handle.next_offset = end
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -237,16 +238,23 @@ class CoreFS:
         start = block * BLOCK_SIZE
         return BlockRef(rec.ino, block, rec.etag, min(BLOCK_SIZE, rec.size - start))
 
-    async def _read_block(self, rec: Record, block: int, lo: int, length: int) -> bytes:
+    async def _read_block(self, handle: Handle, block: int, lo: int, length: int) -> bytes:
+        """Bytes [lo, lo+length) of one block. Hits and misses are counted once per block per
+        open file, so a 110 KB file read in two requests is one miss, not a miss and a hit."""
+        rec = handle.record
         ref = self.block_ref(rec, block)
+        first = block not in handle.counted
+        handle.counted.add(block)
         path = self.cache.lookup(ref)
         if path is not None:
             data = await self.cache.read(path, lo, length)
             if data is not None and len(data) == length:
-                metrics.cache_hits.inc()
+                if first:
+                    metrics.cache_hits.inc()
                 metrics.read_bytes.labels("cache").inc(length)
                 return data
-        metrics.cache_misses.inc()
+        if first:
+            metrics.cache_misses.inc()
         data = await self.fetch(ref, rec.rel, evict=True)
         metrics.read_bytes.labels("backend").inc(length)
         return data[lo:lo + length]
