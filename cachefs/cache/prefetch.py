@@ -137,7 +137,11 @@ class Prefetcher:
                     continue
                 ref: BlockRef = self.core.block_ref(rec, block)
                 ok = True
-                if not self.core.cache.contains(ref):
+                cache = self.core.cache
+                if not cache.contains(ref) and cache.used + ref.size > cache.capacity:
+                    p.stopped_full = cache.full = True  # no room without evicting: stop before downloading
+                    continue
+                if not cache.contains(ref):
                     try:
                         await self.core.fetch(ref, rec.rel, evict=False)
                     except FsError as exc:
