@@ -57,8 +57,8 @@ def test_metrics_move_with_reads_and_health_answers(s3_bucket: Bucket, tmp_path:
         for key, blob in data.items():
             assert (m.path / key).read_bytes() == blob
         cold = scrape(port)
-        assert cold['cachefs_read_bytes_total{source="backend"}'] - before['cachefs_read_bytes_total{source="backend"}'] \
-            == sum(map(len, data.values()))
+        backend_bytes = 'cachefs_read_bytes_total{source="backend"}'
+        assert cold[backend_bytes] - before[backend_bytes] == sum(map(len, data.values()))
         assert cold["cachefs_cache_misses_total"] - before["cachefs_cache_misses_total"] == len(data)
         assert cold['cachefs_backend_requests_total{operation="get",outcome="ok"}'] >= len(data)
         assert cold["cachefs_cache_used_bytes"] >= sum(map(len, data.values()))
