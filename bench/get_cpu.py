@@ -70,7 +70,7 @@ def main() -> None:
         results: dict[str, list[tuple[float, float]]] = {p: [] for p in backends}
 
         async def all_rounds() -> None:
-            for path, b in backends.items():  # warm up connections
+            for b in backends.values():  # warm up connections
                 await run(b, keys[:100], etags, args.concurrency)
             for _ in range(args.rounds):
                 for path, b in backends.items():
