@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 4 << 20  # 4 MiB: one GET per block is ~1 RTT + 4 MiB of transfer
 LOW_WATERMARK = 0.9  # LRU evicts down to 90% so that eviction runs in batches, not per block
 TMP_SUFFIX = ".tmp"
+HISTOGRAM_BUCKETS = 4096  # resolution of the access-time histogram used to pick LRU victims
 IDLE_RESCAN = 60.0  # seconds between scans for idle entries when the stable cache is full
 
 
@@ -277,25 +278,39 @@ class DataCache:
             return self.used + need <= self.capacity
 
     def _pick_victims(self, amount: int, cutoff: float | None) -> list[tuple[bytes, int, int]] | None:
-        """Entries totalling at least ``amount`` bytes, oldest access first, only those older
-        than ``cutoff`` if given; None if there are not enough. Scans the index: runs in a
-        thread with its own read transaction."""
-        candidates: list[tuple[float, bytes, int, int]] = []
+        """Entries totalling at least ``amount`` bytes, least recently used first, only those
+        used before ``cutoff`` if given; None if there are none. Runs in a thread.
+
+        Two passes over the index so memory stays proportional to the victims, not the cache:
+        the first builds a histogram of bytes by access time, which gives the access time below
+        which enough bytes lie; the second collects exactly those entries."""
+        lo, hi = float("inf"), float("-inf")
+        with self.meta.env.begin() as txn:
+            for _, val in txn.cursor(db=self.meta.blocks):
+                atime = unpack_block(bytes(val))[2]
+                if cutoff is None or atime < cutoff:
+                    lo, hi = min(lo, atime), max(hi, atime)
+        if lo > hi:
+            return None
+        width = max((hi - lo) / HISTOGRAM_BUCKETS, 1e-6)
+        histogram = [0] * (HISTOGRAM_BUCKETS + 1)
+        with self.meta.env.begin() as txn:
+            for _, val in txn.cursor(db=self.meta.blocks):
+                _, size, atime = unpack_block(bytes(val))
+                if cutoff is None or atime < cutoff:
+                    histogram[int((atime - lo) / width)] += size
+        total, last = 0, HISTOGRAM_BUCKETS
+        for i, size in enumerate(histogram):
+            total += size
+            if total >= amount:
+                last = i
+                break
+        chosen: list[tuple[bytes, int, int]] = []
         with self.meta.env.begin() as txn:
             for key, val in txn.cursor(db=self.meta.blocks):
                 etag_h, size, atime = unpack_block(bytes(val))
-                if cutoff is None or atime < cutoff:
-                    candidates.append((atime, bytes(key), etag_h, size))
-        candidates.sort()
-        chosen = []
-        total = 0
-        for _, key, etag_h, size in candidates:
-            if total >= amount:
-                break
-            chosen.append((key, etag_h, size))
-            total += size
-        if total < amount and cutoff is not None and not chosen:
-            return None  # stable policy: not enough idle data; keep what we have
+                if (cutoff is None or atime < cutoff) and int((atime - lo) / width) <= last:
+                    chosen.append((bytes(key), etag_h, size))
         return chosen
 
     def flush_atimes(self) -> None:

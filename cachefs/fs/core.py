@@ -157,7 +157,7 @@ class CoreFS:
                     rec = self.meta.get(ino)
                     if rec is not None and rec.is_dir:
                         rec = await self.ensure_listed(rec)
-                        for entry in self.meta.children(ino):
+                        for entry in self.meta.iter_children(ino):
                             if entry.record.is_dir:
                                 outstanding += 1
                                 send.send_nowait(entry.record.ino)

@@ -188,14 +188,25 @@ class MetadataStore:
             rec = self.lookup(rec.ino, encode_name(part))
         return rec
 
+    def iter_children(self, parent: int, batch: int = 1000) -> Iterator[DirEntry]:
+        """All entries of a directory in name order, ``batch`` per read transaction, so that a
+        directory of a million objects never sits in memory at once."""
+        after: bytes | None = None
+        while True:
+            entries = self.children(parent, after, batch)
+            yield from entries
+            if len(entries) < batch:
+                return
+            after = entries[-1].name
+
     def iter_files(self, top: int) -> Iterator[Record]:
-        """Every file below directory ``top``, depth first in name order, in short read txns."""
+        """Every file below directory ``top``, depth first, files of a directory before its
+        subdirectories. Memory grows with the depth and the number of subdirectories, not files."""
         stack = [top]
         while stack:
             d = stack.pop()
-            entries = self.children(d)
             subdirs = []
-            for e in entries:
+            for e in self.iter_children(d):
                 if e.record.is_dir:
                     subdirs.append(e.record.ino)
                 else:
