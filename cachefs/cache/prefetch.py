@@ -139,7 +139,7 @@ class Prefetcher:
                 ok = True
                 cache = self.core.cache
                 if not cache.contains(ref) and cache.used + ref.size > cache.capacity:
-                    p.stopped_full = cache.full = True  # no room without evicting: stop before downloading
+                    p.stopped_full = True  # no room without evicting: stop before downloading
                     continue
                 if not cache.contains(ref):
                     try:

@@ -45,6 +45,7 @@ BLOCK_SIZE = 4 << 20  # 4 MiB: one GET per block is ~1 RTT + 4 MiB of transfer
 LOW_WATERMARK = 0.9  # LRU evicts down to 90% so that eviction runs in batches, not per block
 TMP_SUFFIX = ".tmp"
 HISTOGRAM_BUCKETS = 4096  # resolution of the access-time histogram used to pick LRU victims
+FULL_FRACTION = 0.95  # `cachefs status` calls the cache full from 95% of its capacity
 IDLE_RESCAN = 60.0  # seconds between scans for idle entries when the stable cache is full
 
 
@@ -65,7 +66,7 @@ class DataCache:
         self.policy = policy
         self.idle_evict = idle_evict
         self.used = 0
-        self.full = False  # the last admission was refused (stable policy) or the disk is full
+        self.disk_full = False  # the last cache write failed with ENOSPC/EDQUOT
         self.disk_limiter = trio.CapacityLimiter(16)  # concurrent file reads/writes
         self._atimes: dict[bytes, float] = {}
         self._evicting = trio.Lock()
@@ -157,48 +158,52 @@ class DataCache:
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def store(self, ref: BlockRef, data: bytes, *, evict: bool = True) -> bool:
-        """Cache a downloaded block. Returns False if it was not admitted (cache full, disk
-        full); the caller still has the data. ``evict=False`` (prefetch) never evicts."""
-        if len(data) != ref.size:
-            raise ValueError("block size mismatch")
-        while self.used + ref.size > self.capacity:
-            if not await self._make_room(ref.size, evict):
+    async def reserve(self, size: int, *, evict: bool = True) -> bool:
+        """Admit ``size`` bytes (evicting if the policy allows) and count them as used now, so
+        concurrent downloads never overshoot the capacity. False: not admitted (counted).
+        Every True must be followed by ``commit`` or ``unreserve``."""
+        while self.used + size > self.capacity:
+            if not await self._make_room(size, evict):
                 metrics.cache_rejected.inc()
-                self.full = True
                 return False
-        self.used += ref.size  # reserved now: concurrent stores must not overshoot the capacity
-        path = self.path(ref.ino, ref.block, ref.etag)
+        self.used += size
+        return True
 
-        def write() -> None:
+    def unreserve(self, size: int) -> None:
+        self.used -= size
+
+    def write_file(self, ref: BlockRef, data: bytes) -> OSError | None:
+        """Write a block's file: temporary file, then rename. Blocking: runs in a worker thread
+        (the download's own, right after the GET). Returns the error instead of raising it."""
+        path = self.path(ref.ino, ref.block, ref.etag)
+        tmp = f"{path}.{os.getpid()}.{id(data):x}{TMP_SUFFIX}"
+        try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.{id(data):x}{TMP_SUFFIX}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-            except BaseException:
+            finally:
                 os.close(fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            os.close(fd)
             os.rename(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return exc
+        return None
 
-        try:
-            await trio.to_thread.run_sync(write, limiter=self.disk_limiter)
-        except BaseException as exc:
-            self.used -= ref.size
-            if not isinstance(exc, OSError):
-                raise
+    def commit(self, ref: BlockRef, error: OSError | None) -> bool:
+        """Record a reserved block whose file ``write_file`` wrote (or failed to: ``error``)."""
+        if error is not None:
+            self.unreserve(ref.size)
             metrics.cache_write_errors.inc()
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                if not self.full:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                if not self.disk_full:
                     log.warning("cache dir %s is full; serving from the backend without caching", self.root)
-                self.full = True
+                self.disk_full = True
             else:
-                log.warning("cannot write cache file: %s", exc.strerror)
+                log.warning("cannot write cache file: %s", error.strerror)
             return False
         key = block_key(ref.ino, ref.block)
         with self.meta.env.begin(write=True) as txn:
@@ -209,9 +214,28 @@ class DataCache:
             self.used -= old_size
             if old_h != etag_hash(ref.etag):
                 self._unlink_later(ref.ino, ref.block, old_h)
-        self.full = False
+        self.disk_full = False
         metrics.cache_used.set(self.used)
         return True
+
+    @property
+    def full(self) -> bool:
+        """The disk under the cache is full, or the cache is at (nearly) its capacity."""
+        return self.disk_full or self.used >= self.capacity * FULL_FRACTION
+
+    async def store(self, ref: BlockRef, data: bytes, *, evict: bool = True) -> bool:
+        """Cache a block already in memory. Returns False if it was not admitted (cache full,
+        disk full); the caller still has the data. ``evict=False`` (prefetch) never evicts."""
+        if len(data) != ref.size:
+            raise ValueError("block size mismatch")
+        if not await self.reserve(ref.size, evict=evict):
+            return False
+        try:
+            error = await trio.to_thread.run_sync(self.write_file, ref, data, limiter=self.disk_limiter)
+        except BaseException:
+            self.unreserve(ref.size)
+            raise
+        return self.commit(ref, error)
 
     def _unlink_later(self, ino: int, block: int, etag_h: int) -> None:
         path = os.path.join(self.root, "data", f"{ino & 0xFF:02x}", f"{ino}.{block}.{etag_h:016x}")

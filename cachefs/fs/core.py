@@ -277,23 +277,33 @@ class CoreFS:
         return flight.data
 
     async def _download(self, ref: BlockRef, rel: str, flight: _Flight, evict: bool) -> None:
+        cache = self.cache
+        admitted = False
         try:
             if ref.size == 0:
                 flight.data = b""
-            elif ref.size > BLOCK_SIZE // 2:
+                return
+            admitted = await cache.reserve(ref.size, evict=evict)
+
+            def write(data: bytes) -> OSError | None:
+                return cache.write_file(ref, data) if admitted else None
+
+            key, start = self.prefix + rel, ref.block * BLOCK_SIZE
+            if ref.size > BLOCK_SIZE // 2:
                 async with self._large:
-                    flight.data = await self.backend.get_range(self.prefix + rel, ref.block * BLOCK_SIZE,
-                                                               ref.size, ref.etag)
+                    flight.data, error = await self.backend.get_range_then(key, start, ref.size, ref.etag, write)
             else:
-                flight.data = await self.backend.get_range(self.prefix + rel, ref.block * BLOCK_SIZE,
-                                                           ref.size, ref.etag)
-            if ref.size:
-                await self.cache.store(ref, flight.data, evict=evict)
+                flight.data, error = await self.backend.get_range_then(key, start, ref.size, ref.etag, write)
+            if admitted:
+                admitted = False
+                cache.commit(ref, error)
         except Exception as exc:
             flight.error = exc
             if not isinstance(exc, ObjectChanged | NotFound):
                 log.warning("download of %r block %d failed: %s", rel, ref.block, exc)
         finally:
+            if admitted:
+                cache.unreserve(ref.size)
             del self._flights[(ref.ino, ref.block)]
             flight.done.set()
 
