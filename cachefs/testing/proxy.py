@@ -14,6 +14,9 @@ or for a period, and can be switched at run time by the test that owns the proxy
 - ``cut``     forward the request, deliver only the first part of the response, then reset
 - ``outage``  every new connection and request is reset
 
+``inject`` also takes a tuple of kinds (not ``outage``): each faulted request then gets one of
+them at random, e.g. ``inject(("error", "reset", "cut"), rate=0.1)`` for a mix of transient faults.
+
 Usage: ``python -m cachefs.testing.proxy --listen 127.0.0.1:9000 --target 127.0.0.1:8333
 --latency-ms 10`` (one-way milliseconds: 10 = +20 ms per round trip).
 """
@@ -42,7 +45,7 @@ _SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown<
 
 @dataclass
 class FaultPlan:
-    kind: str | None = None  # one of FAULT_KINDS, or None for no faults
+    kind: str | tuple[str, ...] | None = None  # one of FAULT_KINDS, a mix of them, or None
     rate: float = 1.0  # probability per request
     until: float = float("inf")  # monotonic time when the fault stops
     stall_seconds: float = 30.0
@@ -144,12 +147,13 @@ class LatencyProxy:
 
     # -- control ------------------------------------------------------------------------------
 
-    def inject(self, kind: str | None, rate: float = 1.0, duration: float | None = None,
+    def inject(self, kind: str | tuple[str, ...] | None, rate: float = 1.0, duration: float | None = None,
                stall_seconds: float = 30.0) -> None:
-        """Start injecting ``kind`` faults (None stops), at ``rate`` per request, for ``duration``
-        seconds (default: until changed)."""
-        if kind is not None and kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault {kind!r}; use one of {FAULT_KINDS}")
+        """Start injecting ``kind`` faults (None stops; a tuple: each fault picks one of them), at
+        ``rate`` per request, for ``duration`` seconds (default: until changed)."""
+        kinds = (kind,) if isinstance(kind, str) else kind or ()
+        if any(k not in FAULT_KINDS for k in kinds) or (len(kinds) > 1 and "outage" in kinds):
+            raise ValueError(f"unknown fault {kind!r}; use one of {FAULT_KINDS} (or a mix without outage)")
         until = time.monotonic() + duration if duration is not None else float("inf")
         with self._lock:
             self.plan = FaultPlan(kind, rate, until, stall_seconds)
@@ -163,8 +167,9 @@ class LatencyProxy:
             if not plan.active():
                 return None
             if plan.kind == "outage" or self._rng.random() < plan.rate:
-                self.stats.faults[plan.kind or ""] += 1
-                return plan.kind
+                kind = plan.kind if isinstance(plan.kind, str) else self._rng.choice(plan.kind or ("",))
+                self.stats.faults[kind] += 1
+                return kind
         return None
 
     def close(self) -> None:
