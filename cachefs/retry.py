@@ -2,7 +2,9 @@
 
 SDK clients are configured with no retries of their own so that budgets do not multiply; every
 temporary failure comes back here, is counted, and is retried until ``deadline`` seconds have
-passed since the first attempt.
+passed since the first attempt. The deadline also bounds each attempt: one that is still waiting
+for an answer when it passes (a store that accepts connections but never replies) is abandoned,
+so an operation never takes much longer than ``deadline`` whatever the SDK's own timeouts are.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ async def retrying(operation: str, attempt: Callable[[], Awaitable[T]], deadline
     tries = 0
     while True:
         try:
-            return await attempt()
+            with trio.move_on_at(give_up_at):
+                return await attempt()
+            raise TemporaryFailure(f"{operation}: no answer within {deadline:g} s")
         except TemporaryFailure as exc:
             tries += 1
             delay = random.uniform(0, min(BACKOFF_MAX, BACKOFF_BASE * 2**tries))
