@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 LIST_CONCURRENCY = 32  # directories listed at once by the start-up walk
 READAHEAD_MAX_BLOCKS = 8  # sequential readers get up to 8 blocks (32 MiB) ahead
 LARGE_FETCHES = 32  # block downloads of large objects in flight (bounds memory: 32 x 4 MiB)
+# The kernel retries a failed read at once (its readahead failed, then it reads the page itself):
+# a block whose download failed for this open file less than this long ago fails again at once
+# rather than waiting out another --backend-timeout, so one read() fails within the timeout.
+FAILED_READ_MEMORY = 1.0
 
 
 class FsError(Exception):
@@ -66,6 +70,7 @@ class Handle:
     window: int = 1  # readahead window in blocks; doubles while the reader stays sequential
     ahead_until: int = 0  # blocks below this have been scheduled
     counted: set[int] = field(default_factory=set)  # blocks already counted as a hit or a miss
+    failed: dict[int, float] = field(default_factory=dict)  # block -> when its download gave EIO
 
 
 @dataclass
@@ -255,7 +260,15 @@ class CoreFS:
                 return data
         if first:
             metrics.cache_misses.inc()
-        data = await self.fetch(ref, rec.rel, evict=True)
+        failed_at = handle.failed.get(block)
+        if failed_at is not None and time.monotonic() - failed_at < FAILED_READ_MEMORY:
+            raise FsError(errno.EIO, "the backend failed this read a moment ago")
+        try:
+            data = await self.fetch(ref, rec.rel, evict=True)
+        except FsError as exc:
+            if exc.errno == errno.EIO:
+                handle.failed[block] = time.monotonic()
+            raise
         metrics.read_bytes.labels("backend").inc(length)
         return data[lo:lo + length]
 
