@@ -242,8 +242,11 @@ def cachefs_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "cachefs.cli", *args]
 
 
+Mounted = Iterator[tuple[Path, list[int], str]]  # mountpoint, daemon pids, a note for the report
+
+
 @contextlib.contextmanager
-def mount_cachefs(work: Path, endpoint: str, env: dict[str, str], prefetch: bool) -> Iterator[tuple[Path, list[int], str]]:
+def mount_cachefs(work: Path, endpoint: str, env: dict[str, str], prefetch: bool) -> Mounted:
     mnt, cache = work / "mnt", work / "cache"
     mnt.mkdir(parents=True)
     args = ["mount", f"s3://{BUCKET}", str(mnt), "--endpoint-url", endpoint, "--cache-dir", str(cache),
@@ -265,7 +268,7 @@ def mount_cachefs(work: Path, endpoint: str, env: dict[str, str], prefetch: bool
 
 
 @contextlib.contextmanager
-def mount_s3fs(work: Path, endpoint: str, env: dict[str, str]) -> Iterator[tuple[Path, list[int], str]]:
+def mount_s3fs(work: Path, endpoint: str, env: dict[str, str]) -> Mounted:
     mnt, cache = work / "mnt", work / "cache"
     mnt.mkdir(parents=True)
     cache.mkdir()
@@ -286,7 +289,7 @@ def mount_s3fs(work: Path, endpoint: str, env: dict[str, str]) -> Iterator[tuple
 
 
 @contextlib.contextmanager
-def mount_rclone(work: Path, endpoint: str, env: dict[str, str]) -> Iterator[tuple[Path, list[int], str]]:
+def mount_rclone(work: Path, endpoint: str, env: dict[str, str]) -> Mounted:
     mnt, cache = work / "mnt", work / "cache"
     mnt.mkdir(parents=True)
     renv = {k: v for k, v in env.items() if k != "AWS_CA_BUNDLE"}  # rclone refuses an unusable CA file
@@ -309,7 +312,7 @@ def mount_rclone(work: Path, endpoint: str, env: dict[str, str]) -> Iterator[tup
 
 
 @contextlib.contextmanager
-def native(root: Path) -> Iterator[tuple[Path, list[int], str]]:
+def native(root: Path) -> Mounted:
     yield root, [], ""
 
 
@@ -369,14 +372,17 @@ def report(results: list[Result], args: argparse.Namespace, ds: Dataset, setup: 
     by = {r.fs: r for r in results}
     peers = [p for p in ("s3fs", "rclone") if p in by]
     phases = list(results[0].phases)
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    mean_kb = ds.total_bytes / len(ds.files) / 1000
     lines = ["# cachefs benchmark results", "",
              f"Command: `{' '.join(['.venv/bin/python', 'bench/run.py', *sys.argv[1:]])}`  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
-             f"Machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
+             f"Machine: {os.cpu_count()} cores, {ram_gib:.0f} GiB RAM, "
              f"Linux {platform.release()}, Python {platform.python_version()}  ",
              f"Setup: {setup}", "",
-             "Dataset: " + f"{len(ds.files)} files in {args.classes} class folders, mean {ds.total_bytes / len(ds.files) / 1000:.0f} KB "
-             f"({ds.total_bytes / 1e9:.2f} GB), plus one {ds.large_size >> 20} MiB file; {args.readers} reader processes; "
+             f"Dataset: {len(ds.files)} files in {args.classes} class folders, mean {mean_kb:.0f} KB "
+             f"({ds.total_bytes / 1e9:.2f} GB), plus one {ds.large_size >> 20} MiB file; "
+             f"{args.readers} reader processes; "
              "every file's blake2b checked on every read.", ""]
     header = "| phase | " + " | ".join(r.fs for r in results) + " |"
     lines += ["## Throughput (files/s; MB/s for the large file; index: seconds)", "", header,
@@ -416,16 +422,18 @@ def report(results: list[Result], args: argparse.Namespace, ds: Dataset, setup: 
         lines += [f"### {r.fs}", "", "| phase | " + " | ".join(f"vs {o.fs}" for o in others if o is not r) + " |",
                   "|" + "---|" * len(others)]
         for ph in phases:
-            lines.append(f"| {ph} | " + " | ".join(f"{speed(r, ph) / speed(o, ph):.2f}x" for o in others if o is not r) + " |")
+            cells = [f"{speed(r, ph) / speed(o, ph):.2f}x" for o in others if o is not r]
+            lines.append(f"| {ph} | " + " | ".join(cells) + " |")
         lines.append("")
     if peers and "cachefs" in by and "cachefs+prefetch" in by and "native" in by:
         best = {ph: max(speed(by[p], ph) for p in peers) for ph in phases}
         cp, c, nat = by["cachefs+prefetch"], by["cachefs"], by["native"]
+        cold = "epoch 1 (cold)"
         warm = [ph for ph in phases if "warm)" in ph]
         checks = [
-            ("cold epoch with prefetch >= 10x s3fs", speed(cp, "epoch 1 (cold)") / speed(by["s3fs"], "epoch 1 (cold)"), 10)
+            ("cold epoch with prefetch >= 10x s3fs", speed(cp, cold) / speed(by["s3fs"], cold), 10)
             if "s3fs" in by else None,
-            ("cold epoch with prefetch >= 3x rclone", speed(cp, "epoch 1 (cold)") / speed(by["rclone"], "epoch 1 (cold)"), 3)
+            ("cold epoch with prefetch >= 3x rclone", speed(cp, cold) / speed(by["rclone"], cold), 3)
             if "rclone" in by else None,
             ("cold epoch without prefetch >= better peer", speed(c, "epoch 1 (cold)") / best["epoch 1 (cold)"], 1),
             *[(f"{ph} (cachefs) >= 2x better peer", speed(c, ph) / best[ph], 2) for ph in warm],
@@ -470,7 +478,8 @@ def main() -> None:
         with seaweed_server() as server:
             t0 = time.perf_counter()
             upload(server, work / "native", ds)
-            print(f"uploaded {ds.total_bytes / 1e9:.2f} GB + large file in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"uploaded {ds.total_bytes / 1e9:.2f} GB + the large file in {time.perf_counter() - t0:.0f} s",
+                  flush=True)
             port = int(server.endpoint_url.rsplit(":", 1)[1])
             with LatencyProxy(("127.0.0.1", port), latency=args.rtt_ms / 2000) as proxy:
                 env = dict(os.environ, **server.env)
