@@ -144,7 +144,9 @@ class S3Backend(Backend):
 
     def _get_sync(self, key: str, start: int, length: int, etag: str | None) -> bytes:
         if self.store is not None:
-            return self._get_obstore(key, start, length, etag)
+            data = self._get_obstore(key, start, length, etag)
+            if data is not None:
+                return data
         kwargs: dict[str, Any] = {"Bucket": self.source.bucket, "Key": key,
                                   "Range": f"bytes={start}-{start + length - 1}"}
         if etag:
@@ -159,10 +161,14 @@ class S3Backend(Backend):
         except Exception as exc:  # the connection broke mid-body
             raise TemporaryFailure(f"get {key!r}: body interrupted ({type(exc).__name__})") from exc
 
-    def _get_obstore(self, key: str, start: int, length: int, etag: str | None) -> bytes:
+    def _get_obstore(self, key: str, start: int, length: int, etag: str | None) -> bytes | None:
+        """The bytes, or None for a key obstore cannot express (its paths drop a leading or
+        trailing "/" and refuse control characters, "." and ".." segments): boto3 gets those."""
         import obstore
         from obstore import exceptions as obexc
 
+        if key.startswith("/") or key.endswith("/"):
+            return None
         options: dict[str, Any] = {"range": (start, start + length)}
         if etag:
             options["if_match"] = f'"{etag}"'
@@ -174,6 +180,8 @@ class S3Backend(Backend):
             raise ObjectChanged(f"get {key!r}: object changed") from exc
         except (obexc.PermissionDeniedError, obexc.UnauthenticatedError) as exc:
             raise AccessDenied(f"get {key!r}: access denied") from exc
+        except (ValueError, obexc.InvalidPathError):
+            return None  # "Could not parse path": not a network error, nothing to retry
         except Exception as exc:  # connection errors, 5xx, throttling, bodies cut short
             raise TemporaryFailure(f"get {key!r}: {type(exc).__name__}") from exc
 
