@@ -1,0 +1,119 @@
+"""Shared pieces of the fault tests: a bucket behind a fault proxy, metrics, daemon facts.
+
+Mounting itself uses ``tests.fuse.mounts.mounted`` (the real ``cachefs`` command).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cachefs.testing.proxy import LatencyProxy
+from cachefs.testing.servers import Server
+from tests.fuse.stores import Bucket
+
+
+@dataclass
+class Faulty:
+    """A bucket whose ``mount_args``/``mount_env`` point cachefs at ``proxy``, not the server."""
+
+    bucket: Bucket
+    proxy: LatencyProxy
+    server: Server
+
+
+def _client(server: Server, name: str) -> object:
+    return server.s3_client() if server.kind == "s3" else server.blob_service().get_container_client(name)
+
+
+@contextlib.contextmanager
+def faulty_bucket(server: Server, name: str, latency: float = 0.0) -> Iterator[Faulty]:
+    server.create_bucket(name)
+    target = urlsplit(server.endpoint_url)
+    with LatencyProxy((target.hostname or "127.0.0.1", target.port or 80), latency) as proxy:
+        env = dict(server.env)
+        endpoint = proxy.url
+        if server.kind == "azure":
+            conn = env["AZURE_STORAGE_CONNECTION_STRING"]
+            env["AZURE_STORAGE_CONNECTION_STRING"] = conn.replace(server.endpoint_url.rsplit("/", 1)[0], proxy.url)
+            endpoint = proxy.url + "/" + server.endpoint_url.rsplit("/", 1)[1]
+        yield Faulty(Bucket(server.kind, name, endpoint, env, _client(server, name)), proxy, server)
+
+
+def sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The daemon's /metrics as {'name{labels}': value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def metric_sum(sample: dict[str, float], name: str) -> float:
+    """Sum of every series of one metric (all label values)."""
+    return sum(v for k, v in sample.items() if k == name or k.startswith(name + "{"))
+
+
+def http_status(port: int, path: str, timeout: float = 10) -> int:
+    try:
+        return int(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout).status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    return int(proc_status(pid)[field].split()[0])
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def daemon_log(cache_dir: Path) -> str:
+    return (cache_dir / "cachefs.log").read_text(errors="replace")
+
+
+def tree_files(root: Path) -> dict[str, Path]:
+    """Every file below root by relative path (bytes names decoded with surrogateescape)."""
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = Path(d, n)
+            out[os.path.relpath(p, root)] = p
+    return out
