@@ -25,3 +25,10 @@ def seaweed() -> Iterator[Server]:
 def azurite() -> Iterator[Server]:
     with azurite_server() as server:
         yield server
+
+
+@pytest.fixture(scope="session", params=["moto", "seaweed"])
+def s3_server(request: pytest.FixtureRequest) -> Server:
+    """Each S3 server in turn: a test using it runs against moto and against SeaweedFS."""
+    server: Server = request.getfixturevalue(request.param)
+    return server
