@@ -110,9 +110,9 @@ class Server:
 
     # -- clients ------------------------------------------------------------------------------
 
-    def s3_client(self, endpoint_url: str | None = None, max_attempts: int = 5, **config: Any) -> Any:
-        """A boto3 S3 client (path-style; ``max_attempts=1`` disables retries; ``config`` goes to
-        ``botocore.config.Config``, e.g. ``read_timeout=2``)."""
+    def s3_client(self, endpoint_url: str | None = None, retries: int = 4, **config: Any) -> Any:
+        """A boto3 S3 client, path-style, that retries ``retries`` times (0: a failed request is an
+        error); ``config`` goes to ``botocore.config.Config``, e.g. ``read_timeout=2``."""
         import boto3
         from botocore.config import Config
 
@@ -120,7 +120,7 @@ class Server:
             raise TypeError(f"{self.name} is not an S3 server")
         options: dict[str, Any] = {
             "s3": {"addressing_style": "path"}, "max_pool_connections": UPLOAD_WORKERS,
-            "retries": {"max_attempts": max_attempts, "mode": "standard"},
+            "retries": {"total_max_attempts": retries + 1, "mode": "standard"},  # max_attempts counts retries
             # moto and SeaweedFS know the new default CRC checksums, other S3 stores may not:
             # send and check them only where the API requires it.
             "request_checksum_calculation": "when_required", "response_checksum_validation": "when_required",
@@ -315,7 +315,7 @@ def moto_server() -> Iterator[Server]:
         server = Server("moto", "s3", f"http://127.0.0.1:{port}", env, workdir)
 
         def ready() -> None:
-            server.s3_client(max_attempts=1, read_timeout=PROBE_TIMEOUT).list_buckets()
+            server.s3_client(retries=0, read_timeout=PROBE_TIMEOUT).list_buckets()
 
         return _running(server, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], ready)
 
@@ -379,7 +379,7 @@ def seaweed_server() -> Iterator[Server]:
 
         def ready() -> None:
             # The S3 port opens before the filer and the volume server take writes: probe a write.
-            client = server.s3_client(max_attempts=1, read_timeout=PROBE_TIMEOUT)
+            client = server.s3_client(retries=0, read_timeout=PROBE_TIMEOUT)
             with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
                 client.create_bucket(Bucket=probe)
             client.put_object(Bucket=probe, Key="x", Body=b"x")
