@@ -100,7 +100,8 @@ class Stats:
 
 
 class LatencyProxy:
-    """One listening socket on 127.0.0.1 forwarding to ``target``, with latency and faults.
+    """One listening socket (127.0.0.1 and a free port unless ``listen`` says otherwise) forwarding
+    to ``target``, with latency and faults.
 
     Use as a context manager or call ``close()``. ``latency`` (one way, seconds) may be changed
     at any time; it applies to chunks read after the change.
@@ -116,7 +117,9 @@ class LatencyProxy:
         self._lock = threading.Lock()
         _raise_fd_limit()
         self._sock = socket.create_server(listen, backlog=1024)
-        self.port: int = self._sock.getsockname()[1]
+        host, port = self._sock.getsockname()[:2]
+        self.port: int = port
+        self.host: str = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         self._conns: set[_Connection] = set()
         self._token: trio.lowlevel.TrioToken | None = None
         self._cancel: trio.CancelScope | None = None
@@ -132,12 +135,12 @@ class LatencyProxy:
     @property
     def address(self) -> str:
         """HOST:PORT to connect to."""
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
         """http://HOST:PORT to use as an endpoint URL."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.address}"
 
     # -- control (any thread) -----------------------------------------------------------------
 
