@@ -8,17 +8,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
 from cachefs.testing.proxy import LatencyProxy
 from cachefs.testing.servers import Server
 from tests.fuse.stores import Bucket
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -117,3 +121,28 @@ def tree_files(root: Path) -> dict[str, Path]:
             p = Path(d, n)
             out[os.path.relpath(p, root)] = p
     return out
+
+
+class Background(threading.Thread, Generic[T]):
+    """Run ``fn(*args)`` in a thread; ``result()`` joins and returns its value (or raises)."""
+
+    def __init__(self, fn: Callable[..., T], *args: object) -> None:
+        super().__init__(daemon=True)
+        self._fn, self._args = fn, args
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._value = self._fn(*self._args)
+        except BaseException as exc:
+            self._error = exc
+
+    def result(self, timeout: float) -> T:
+        self.join(timeout)
+        if self.is_alive():
+            raise AssertionError(f"{self._fn.__name__} still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
