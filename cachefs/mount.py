@@ -36,6 +36,7 @@ from .errors import BackendError, MountError, TemporaryFailure, UsageError
 from .fs.adapter import CachefsOperations
 from .fs.core import CoreFS, Settings
 from .metadata import MetadataStore
+from .metadata.store import WriteError
 from .source import parse_source
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,10 @@ class Daemon:
             await trio.sleep(ATIME_FLUSH_INTERVAL)
             cache.flush_atimes()
             if time.monotonic() - last_sync > SYNC_INTERVAL:
-                await trio.to_thread.run_sync(meta.env.sync, True)
+                try:
+                    await trio.to_thread.run_sync(meta.env.sync, True)
+                except (WriteError, OSError) as exc:  # a full disk must not stop the daemon
+                    cache.index_write_failed(exc)
                 last_sync = time.monotonic()
 
     def _control_handler(self, core: CoreFS, prefetcher: Prefetcher) -> control.Handler:

@@ -32,6 +32,7 @@ import trio
 from .. import metrics
 from ..metadata.store import (
     MetadataStore,
+    WriteError,
     block_key,
     etag_hash,
     pack_block,
@@ -104,10 +105,13 @@ class DataCache:
                 expected.add(name)
                 used += size
         if stale:
-            with self.meta.env.begin(write=True) as txn:
-                for key in stale:
-                    txn.delete(key, db=self.meta.blocks)
-            dropped = len(stale)
+            try:
+                with self.meta.env.begin(write=True) as txn:
+                    for key in stale:
+                        txn.delete(key, db=self.meta.blocks)
+                dropped = len(stale)
+            except WriteError as exc:  # a missing or short file is read as a miss anyway
+                self.index_write_failed(exc)
         data = os.path.join(self.root, "data")
         for sub in os.listdir(data):
             subdir = os.path.join(data, sub)
@@ -206,9 +210,15 @@ class DataCache:
                 log.warning("cannot write cache file: %s", error.strerror)
             return False
         key = block_key(ref.ino, ref.block)
-        with self.meta.env.begin(write=True) as txn:
-            old = txn.get(key, db=self.meta.blocks)
-            txn.put(key, pack_block(etag_hash(ref.etag), ref.size, time.time()), db=self.meta.blocks)
+        try:
+            with self.meta.env.begin(write=True) as txn:
+                old = txn.get(key, db=self.meta.blocks)
+                txn.put(key, pack_block(etag_hash(ref.etag), ref.size, time.time()), db=self.meta.blocks)
+        except WriteError as exc:
+            self.unreserve(ref.size)
+            self._unlink_later(ref.ino, ref.block, etag_hash(ref.etag))
+            self.index_write_failed(exc)
+            return False
         if old is not None:
             old_h, old_size, _ = unpack_block(bytes(old))
             self.used -= old_size
@@ -217,6 +227,15 @@ class DataCache:
         self.disk_full = False
         metrics.cache_used.set(self.used)
         return True
+
+    def index_write_failed(self, exc: Exception) -> None:
+        """A write to the LMDB index failed (its disk is full): count it, say so once, go on
+        without it. Reads are served from the backend; nothing half-written is ever used."""
+        metrics.cache_write_errors.inc()
+        if not self.disk_full:
+            log.warning("cannot write the cache index in %s (%s); serving from the backend without "
+                        "caching", self.root, exc)
+        self.disk_full = True
 
     @property
     def full(self) -> bool:
@@ -290,9 +309,13 @@ class DataCache:
                 # every miss would cost O(entries) each; look again in a while.
                 self._no_idle_until = time.monotonic() + IDLE_RESCAN
                 return False
-            with self.meta.env.begin(write=True) as txn:
-                for key, _, _ in chosen:
-                    txn.delete(key, db=self.meta.blocks)
+            try:
+                with self.meta.env.begin(write=True) as txn:
+                    for key, _, _ in chosen:
+                        txn.delete(key, db=self.meta.blocks)
+            except WriteError as exc:
+                self.index_write_failed(exc)
+                return False
             for key, etag_h, size in chosen:
                 ino, block = unpack_block_key(key)
                 self._unlink_later(ino, block, etag_h)
@@ -342,9 +365,12 @@ class DataCache:
         if not self._atimes:
             return
         pending, self._atimes = self._atimes, {}
-        with self.meta.env.begin(write=True) as txn:
-            for key, atime in pending.items():
-                raw = txn.get(key, db=self.meta.blocks)
-                if raw is not None:
-                    etag_h, size, _ = unpack_block(bytes(raw))
-                    txn.put(key, pack_block(etag_h, size, atime), db=self.meta.blocks)
+        try:
+            with self.meta.env.begin(write=True) as txn:
+                for key, atime in pending.items():
+                    raw = txn.get(key, db=self.meta.blocks)
+                    if raw is not None:
+                        etag_h, size, _ = unpack_block(bytes(raw))
+                        txn.put(key, pack_block(etag_h, size, atime), db=self.meta.blocks)
+        except WriteError as exc:  # access times are hints for eviction: losing a batch is fine
+            self.index_write_failed(exc)

@@ -39,6 +39,9 @@ from .names import decode_name, encode_name, split_key
 log = logging.getLogger(__name__)
 
 SCHEMA = b"cachefs-1"
+#: What a failed LMDB write raises (the cache dir's disk is full: DiskError, or a short write).
+#: Callers that can go on without the write (the listing, the cache index) catch it.
+WriteError = lmdb.Error
 ROOT_INODE = 1
 MAP_SIZE = 1 << 40  # address space only; the file grows with use (1M objects ~ 300 MB)
 
