@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CONTROL_XATTR = b"user.cachefs.control"
 BLKSIZE = 128 * 1024  # what stat reports as the preferred I/O size: one FUSE read request
+READDIR_BATCH = 64  # entries decoded per step; one kernel readdir buffer (4 KiB) holds ~25-30
 
 
 class CachefsOperations(pyfuse3.Operations):
@@ -124,7 +125,7 @@ class CachefsOperations(pyfuse3.Operations):
                     return  # the entry vanished between two calls; end this listing
                 after = os.fsencode(prev.rel.rstrip("/").rpartition("/")[2])
             while True:
-                batch = await self.core.readdir(fh, after, 256)
+                batch = await self.core.readdir(fh, after, READDIR_BATCH)
                 if not batch:
                     return
                 for name, rec in batch:
