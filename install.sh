@@ -6,49 +6,56 @@
 #
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
-cd "$(dirname "$0")"
 
-want_test=0
-for arg in "$@"; do
-  case "$arg" in
-    --test) want_test=1 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown option: $arg" >&2; exit 2 ;;
-  esac
-done
+# Everything is in a function that runs only once bash has read the whole file, so editing
+# this script while it runs cannot break the run.
+main() {
+  cd "$(dirname "$0")"
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  want_test=0
+  for arg in "$@"; do
+    case "$arg" in
+      --test) want_test=1 ;;
+      -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+      *) echo "install.sh: unknown option: $arg" >&2; exit 2 ;;
+    esac
+  done
 
-# fuse3 (fusermount3), and what pyfuse3 needs to build from source.
-apt_pkgs=(fuse3 libfuse3-dev pkg-config build-essential python3-dev python3-venv ca-certificates)
-if [ "$want_test" -eq 1 ]; then
-  # Azurite runs on node; s3fs and rclone are the peers the benchmark compares against.
-  apt_pkgs+=(nodejs s3fs rclone systemd)  # systemd: systemd-analyze verifies the unit file
-  # Debian ships npm as its own package; NodeSource's nodejs bundles it and conflicts with it.
-  command -v npm >/dev/null 2>&1 || apt_pkgs+=(npm)
-fi
-missing=()
-for p in "${apt_pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "install.sh: apt-get install ${missing[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip
-if [ "$want_test" -eq 1 ]; then
-  .venv/bin/python -m pip install -q -e '.[test]'
-  if ! [ -x .venv/azurite/node_modules/.bin/azurite ]; then
-    npm install --no-audit --no-fund --silent --prefix .venv/azurite azurite@3
+  # fuse3 (fusermount3), and what pyfuse3 needs to build from source.
+  apt_pkgs=(fuse3 libfuse3-dev pkg-config build-essential python3-dev python3-venv ca-certificates)
+  if [ "$want_test" -eq 1 ]; then
+    # Azurite runs on node; s3fs and rclone are the peers the benchmark compares against.
+    apt_pkgs+=(nodejs s3fs rclone systemd)  # systemd: systemd-analyze verifies the unit file
+    # Debian ships npm as its own package; NodeSource's nodejs bundles it and conflicts with it.
+    command -v npm >/dev/null 2>&1 || apt_pkgs+=(npm)
   fi
-else
-  .venv/bin/python -m pip install -q -e '.[demo]'
-fi
-echo "install.sh: done; run .venv/bin/cachefs --help"
+  missing=()
+  for p in "${apt_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install.sh: apt-get install ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+
+  PY=${PYTHON:-python3}
+  if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+  fi
+  .venv/bin/python -m pip install -q --upgrade pip
+  if [ "$want_test" -eq 1 ]; then
+    .venv/bin/python -m pip install -q -e '.[test]'
+    if ! [ -x .venv/azurite/node_modules/.bin/azurite ]; then
+      npm install --no-audit --no-fund --silent --prefix .venv/azurite azurite@3
+    fi
+  else
+    .venv/bin/python -m pip install -q -e '.[demo]'
+  fi
+  echo "install.sh: done; run .venv/bin/cachefs --help"
+}
+
+main "$@"
