@@ -331,29 +331,29 @@ class DataCache:
         Two passes over the index so memory stays proportional to the victims, not the cache:
         the first builds a histogram of bytes by access time, which gives the access time below
         which enough bytes lie; the second collects exactly those entries."""
-        lo, hi = float("inf"), float("-inf")
+        # One read transaction for all passes: a snapshot. Entries committed or touched between
+        # two passes would lie outside [lo, hi] and fall off the histogram.
         with self.meta.env.begin() as txn:
+            lo, hi = float("inf"), float("-inf")
             for _, val in txn.cursor(db=self.meta.blocks):
                 atime = unpack_block(bytes(val))[2]
                 if cutoff is None or atime < cutoff:
                     lo, hi = min(lo, atime), max(hi, atime)
-        if lo > hi:
-            return None
-        width = max((hi - lo) / HISTOGRAM_BUCKETS, 1e-6)
-        histogram = [0] * (HISTOGRAM_BUCKETS + 1)
-        with self.meta.env.begin() as txn:
+            if lo > hi:
+                return None
+            width = max((hi - lo) / HISTOGRAM_BUCKETS, 1e-6)
+            histogram = [0] * (HISTOGRAM_BUCKETS + 1)
             for _, val in txn.cursor(db=self.meta.blocks):
                 _, size, atime = unpack_block(bytes(val))
                 if cutoff is None or atime < cutoff:
-                    histogram[int((atime - lo) / width)] += size
-        total, last = 0, HISTOGRAM_BUCKETS
-        for i, size in enumerate(histogram):
-            total += size
-            if total >= amount:
-                last = i
-                break
-        chosen: list[tuple[bytes, int, int]] = []
-        with self.meta.env.begin() as txn:
+                    histogram[min(int((atime - lo) / width), HISTOGRAM_BUCKETS)] += size
+            total, last = 0, HISTOGRAM_BUCKETS
+            for i, size in enumerate(histogram):
+                total += size
+                if total >= amount:
+                    last = i
+                    break
+            chosen: list[tuple[bytes, int, int]] = []
             for key, val in txn.cursor(db=self.meta.blocks):
                 etag_h, size, atime = unpack_block(bytes(val))
                 if (cutoff is None or atime < cutoff) and int((atime - lo) / width) <= last:
