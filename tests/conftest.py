@@ -9,6 +9,11 @@ import pytest
 from cachefs.testing.servers import Server, azurite_server, moto_server, seaweed_server
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak-seconds", type=float, default=None,
+                     help="how long tests/faults soaks the daemon (default $CACHEFS_SOAK_SECONDS or 60)")
+
+
 @pytest.fixture(scope="session")
 def moto() -> Iterator[Server]:
     with moto_server() as server:

@@ -146,3 +146,28 @@ class Background(threading.Thread, Generic[T]):
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
+
+
+def fast_upload(server: Server, bucket: str, objects: dict[str, bytes], concurrency: int = 64) -> None:
+    """Upload many small objects to an S3 server with obstore (async, no GIL): several times
+    faster than boto3 threads for a 10,000-object dataset."""
+    import asyncio
+
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(bucket, config={  # type: ignore[arg-type]
+        "endpoint": server.endpoint_url, "region": "us-east-1", "virtual_hosted_style_request": False,
+        "access_key_id": server.env["AWS_ACCESS_KEY_ID"], "secret_access_key": server.env["AWS_SECRET_ACCESS_KEY"]},
+        client_options={"allow_http": True})
+
+    async def main() -> None:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def put(key: str, data: bytes) -> None:
+            async with sem:
+                await obstore.put_async(store, key, data)
+
+        await asyncio.gather(*(put(k, v) for k, v in objects.items()))
+
+    asyncio.run(main())

@@ -6,18 +6,32 @@ daemon's memory measured from /proc.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import subprocess
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cachefs.testing.servers import free_port
+from cachefs.testing.servers import Server, free_port
 from tests.fuse.mounts import mounted
 
-from .helpers import Faulty, alive, daemon_log, http_status, metric_sum, scrape
+from .helpers import (
+    Background,
+    Faulty,
+    alive,
+    daemon_log,
+    fast_upload,
+    http_status,
+    metric_sum,
+    rss_kib,
+    scrape,
+    sha,
+)
 from .test_crash import readers
 
 pytestmark = pytest.mark.timeout(400)
@@ -155,3 +169,78 @@ def test_index_that_cannot_grow_does_not_break_reads(tmp_path: Path) -> None:
             meta.close()
 
     trio.run(main)
+
+
+SOAK_FILES = 10_000
+SOAK_READERS = 32
+GETS_OK = 'cachefs_backend_requests_total{operation="get",outcome="ok"}'
+SOAK_RSS_GROWTH_MIB = 24  # bound on VmRSS growth from the end of the warm-up to the end (60 s: ~2)
+
+
+def soak_seconds(config: pytest.Config) -> float:
+    """--soak-seconds, else $CACHEFS_SOAK_SECONDS, else 60 (the CI default)."""
+    value = config.getoption("soak_seconds", None) or os.environ.get("CACHEFS_SOAK_SECONDS") or 60
+    return float(value)
+
+
+@pytest.mark.slow
+def test_soak_many_readers_memory_stays_bounded(seaweed: Server, tmp_path: Path,
+                                                 pytestconfig: pytest.Config) -> None:
+    """32 readers pick random files out of 10,000 for the soak's duration, checking every byte,
+    through a cache that holds a third of them (LRU: constant eviction), with listings expiring
+    every 5 s and the page cache dropped every 2 s (so reads reach the daemon). The daemon's
+    resident memory must not keep growing."""
+    duration = soak_seconds(pytestconfig)
+    name = f"soak-{uuid.uuid4().hex[:10]}"
+    seaweed.create_bucket(name)
+    rng = random.Random(8)
+    objects = {f"d{i % 100:02d}/f{i:05d}.bin": rng.randbytes(rng.randrange(500, 3000)) for i in range(SOAK_FILES)}
+    fast_upload(seaweed, name, objects)
+    digests = {k: sha(v) for k, v in objects.items()}
+    keys = sorted(objects)
+    port = free_port()
+    args = ["--endpoint-url", seaweed.endpoint_url, "--cache-size", "8M", "--cache-policy", "lru",
+            "--metadata-ttl", "5", "--metrics-addr", str(port)]
+    with mounted(f"s3://{name}", tmp_path / "mnt", tmp_path / "cache", dict(os.environ, **seaweed.env), *args) as m:
+        pid = int(m.status()["pid"])
+        stop = threading.Event()
+        reads = [0] * SOAK_READERS
+        wrong: list[str] = []
+
+        def reader(i: int) -> None:
+            r = random.Random(i)
+            while not stop.is_set():
+                key = r.choice(keys)
+                with open(m.path / key, "rb") as f:
+                    if sha(f.read()) != digests[key]:
+                        wrong.append(key)
+                reads[i] += 1
+
+        threads = [Background(reader, i) for i in range(SOAK_READERS)]
+        start = time.monotonic()
+        warmup = max(5.0, duration * 0.15)
+        rss: list[tuple[float, int, int]] = []
+        try:
+            while time.monotonic() - start < duration:
+                time.sleep(2)
+                drop_page_cache()
+                rss.append((time.monotonic() - start, rss_kib(pid), rss_kib(pid, "RssAnon")))
+                assert all(t.is_alive() for t in threads), "a reader failed"
+        finally:
+            stop.set()
+            for t in threads:
+                t.result(60)
+        sample = scrape(port)
+        first = next(r for r in rss if r[0] >= warmup)
+        last = rss[-1]
+        peak = max(r[1] for r in rss)
+        growth = (last[1] - first[1]) / 1024
+        print(f"\nsoak {duration:.0f} s, {SOAK_FILES} files, {SOAK_READERS} readers: {sum(reads)} reads checked; "
+              f"VmRSS {first[1] / 1024:.1f} MiB at {first[0]:.0f} s -> {last[1] / 1024:.1f} MiB at end "
+              f"(peak {peak / 1024:.1f}, RssAnon {first[2] / 1024:.1f} -> {last[2] / 1024:.1f} MiB); "
+              f"{sample['cachefs_cache_evictions_total']:.0f} evictions, "
+              f"{sample[GETS_OK]:.0f} GETs")
+        assert wrong == []
+        assert alive(pid)
+        assert sample["cachefs_cache_evictions_total"] > 0  # the cache really cycled
+        assert growth <= SOAK_RSS_GROWTH_MIB, f"VmRSS grew {growth:.1f} MiB during the soak"
