@@ -214,4 +214,6 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
         raise UsageError("missing MOUNTPOINT; see cachefs mount --help")
     if values["cache_size"] <= 0:
         raise UsageError("--cache-size must be larger than 0")
+    # The daemon changes to / when it detaches: a relative cache dir must be resolved here.
+    values["cache_dir"] = os.path.abspath(values["cache_dir"])
     return MountConfig(str(source), os.path.abspath(str(mountpoint)), values)
