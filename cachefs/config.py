@@ -43,6 +43,14 @@ def parse_duration(text: str | int | float) -> float:
     return float(m.group(1)) * _SECONDS[m.group(2)]
 
 
+def parse_timeout(text: str | int | float) -> float:
+    """A duration that must be more than zero (a zero deadline would fail every request)."""
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be more than 0 seconds")
+    return value
+
+
 def parse_mode(text: str | int) -> int:
     try:
         mode = int(text, 8) if isinstance(text, str) else int(text)
@@ -124,7 +132,7 @@ OPTIONS: list[Option] = [
            flag=True),
     Option("metrics-addr", str, None,
            "serve /metrics, /healthz, /readyz on [HOST:]PORT (host defaults to 127.0.0.1)", metavar="[HOST:]PORT"),
-    Option("backend-timeout", parse_duration, 60.0, "a read that cannot reach the backend fails with EIO after this",
+    Option("backend-timeout", parse_timeout, 60.0, "a read that cannot reach the backend fails with EIO after this",
            metavar="SECONDS"),
     Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log verbosity"),
     Option("log-format", _choice("text", "json"), "text", "json: one JSON object per line"),
