@@ -51,6 +51,17 @@ def parse_timeout(text: str | int | float) -> float:
     return value
 
 
+def parse_host_port(text: str) -> str:
+    """``[HOST:]PORT``, checked here so that a typo fails before anything is mounted."""
+    from .http import parse_addr
+
+    try:
+        parse_addr(str(text))
+    except UsageError as exc:
+        raise ValueError(str(exc).removeprefix("--metrics-addr ")) from None
+    return str(text)
+
+
 def parse_mode(text: str | int) -> int:
     try:
         mode = int(text, 8) if isinstance(text, str) else int(text)
@@ -130,7 +141,7 @@ OPTIONS: list[Option] = [
     Option("prefetch-concurrency", parse_positive, 64, "requests in flight for prefetch", metavar="N"),
     Option("ready-after-prefetch", parse_bool, False, "/readyz answers 200 only after the prefetch finished",
            flag=True),
-    Option("metrics-addr", str, None,
+    Option("metrics-addr", parse_host_port, None,
            "serve /metrics, /healthz, /readyz on [HOST:]PORT (host defaults to 127.0.0.1)", metavar="[HOST:]PORT"),
     Option("backend-timeout", parse_timeout, 60.0, "a read that cannot reach the backend fails with EIO after this",
            metavar="SECONDS"),
