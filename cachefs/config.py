@@ -63,8 +63,12 @@ def parse_host_port(text: str) -> str:
 
 
 def parse_mode(text: str | int) -> int:
+    """Permission bits in octal ("0444", "444"). A number from the config file is refused:
+    TOML reads ``file_mode = 444`` as decimal 444, which is the mode 0674."""
+    if not isinstance(text, str):
+        raise ValueError(f'write the mode as an octal string, e.g. "0444", not the number {text!r}')
     try:
-        mode = int(text, 8) if isinstance(text, str) else int(text)
+        mode = int(text, 8)
     except ValueError:
         raise ValueError(f"not an octal mode: {text!r}") from None
     if not 0 <= mode <= 0o777:
@@ -72,15 +76,22 @@ def parse_mode(text: str | int) -> int:
     return mode
 
 
+def _whole(text: str | int) -> int:
+    """An integer; a TOML float or boolean is refused rather than truncated (uid = 1.5, true)."""
+    if isinstance(text, bool | float):
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(text)
+
+
 def parse_uint(text: str | int) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 0:
         raise ValueError("must not be negative")
     return value
 
 
 def parse_positive(text: str | int) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise ValueError("must be at least 1")
     return value
@@ -150,8 +161,8 @@ OPTIONS: list[Option] = [
     Option("allow-other", parse_bool, False, "let other users see the mount (implies default_permissions)", flag=True),
     Option("uid", parse_uint, None, "owner shown for files (default: the mounting user)", metavar="N"),
     Option("gid", parse_uint, None, "group shown for files (default: the mounting user's)", metavar="N"),
-    Option("file-mode", parse_mode, 0o444, "permission bits shown for files", metavar="OCTAL"),
-    Option("dir-mode", parse_mode, 0o555, "permission bits shown for directories", metavar="OCTAL"),
+    Option("file-mode", parse_mode, "0444", "permission bits shown for files", metavar="OCTAL"),
+    Option("dir-mode", parse_mode, "0555", "permission bits shown for directories", metavar="OCTAL"),
 ]
 BY_KEY = {opt.key: opt for opt in OPTIONS}
 
@@ -178,8 +189,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file with these options (default $CACHEFS_CONFIG)")
     for opt in OPTIONS:
         default = opt.default
-        if isinstance(default, int) and opt.name.endswith("mode"):
-            default = f"{default:o}"
         shown = "" if default in (None, False) else f" (default: {default})"
         if opt.flag:
             parser.add_argument(f"--{opt.name}", action="store_const", const=True, default=None,
