@@ -34,14 +34,18 @@ def _fail(exc: CachefsError | str, code: int | None = None) -> int:
 
 # -- mount ------------------------------------------------------------------------------------
 
-_SECRET_IN_URL = re.compile(r"(?i)([?&](sig|sv|se)=)|(//[^/@]+:[^/@]+@)")
+# A SAS token (sig, sv, se), a presigned S3 URL (X-Amz-Signature, -Credential, -Security-Token)
+# or user:password@ in a URL.
+_SECRET_IN_URL = re.compile(r"(?i)([?&](sig|sv|se|x-amz-signature|x-amz-credential|x-amz-security-token)=)"
+                            r"|(//[^/@]+:[^/@]+@)")
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     cfg = config.resolve(args)
-    if _SECRET_IN_URL.search(cfg.source):
-        raise UsageError("credentials in SOURCE are refused (they would show in ps and logs); "
-                         "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AZURE_STORAGE_SAS_TOKEN(_FILE) instead")
+    for what, url in (("SOURCE", cfg.source), ("--endpoint-url", cfg.endpoint_url or "")):
+        if _SECRET_IN_URL.search(url):
+            raise UsageError(f"credentials in {what} are refused (they would show in ps and logs); use "
+                             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AZURE_STORAGE_SAS_TOKEN(_FILE) instead")
     from .logs import setup
     from .mount import Daemon, run_foreground
     from .source import parse_source
