@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -43,6 +44,10 @@ redactor = RedactingFilter()
 
 
 def setup(level: str = "info", fmt: str = "text", path: str | None = None) -> None:
+    if path:
+        # Private like the rest of the cache dir, whatever the umask (FileHandler would use it).
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        os.chmod(path, 0o600)
     handler: logging.Handler = (logging.FileHandler(path) if path
                                 else logging.StreamHandler(sys.stderr))
     handler.addFilter(redactor)
