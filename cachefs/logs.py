@@ -61,6 +61,8 @@ def setup(level: str = "info", fmt: str = "text", path: str | None = None) -> No
     root.addHandler(handler)
     root.setLevel(level.upper())
     # The SDKs log request details (headers, sometimes signed URLs) at debug level; they are
-    # redacted anyway, but they drown the daemon's own lines.
+    # redacted anyway, but they drown the daemon's own lines. Azure's HTTP logging policy logs
+    # every request and response, headers included, at *info* level: warnings only from it.
     for noisy in ("botocore", "boto3", "urllib3", "azure", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
+    logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
