@@ -2,12 +2,16 @@
 
 Keys are paths relative to DIR with "/" separators. The ETag is derived from size and mtime,
 so rewriting a file changes it. Listings are produced in key order with continuation, like S3.
+Symbolic links are neither listed nor followed: one could lead out of DIR (to /etc/shadow, for a
+daemon running as root with --allow-other).
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 
@@ -24,6 +28,7 @@ class LocalBackend(Backend):
     def __init__(self, source: Source, *, timeout: float, max_connections: int) -> None:
         super().__init__(source, timeout=timeout, max_connections=max_connections)
         self.root = source.bucket
+        self.real_root = os.path.realpath(self.root)
         # Open listings, by continuation token: walking a directory tree again for every page
         # would make a listing of N keys cost O(N^2).
         self._cursors: dict[str, Iterator[ObjectInfo | str]] = {}
@@ -32,6 +37,9 @@ class LocalBackend(Backend):
         path = os.path.normpath(os.path.join(self.root, key))
         if not (path == self.root or path.startswith(self.root.rstrip("/") + "/")):
             raise NotFound(f"{key!r} is outside {self.root}")
+        inside = os.path.normpath(os.path.join(self.real_root, os.path.relpath(path, self.root)))
+        if os.path.realpath(path) != inside:
+            raise NotFound(f"{key!r} goes through a symbolic link")
         return path
 
     def _check_sync(self) -> None:
@@ -54,8 +62,8 @@ class LocalBackend(Backend):
                     yield key + "/"
                 else:
                     yield from self._walk(key + "/", None)
-            elif entry.is_file():
-                yield _info(key, entry.stat())
+            elif entry.is_file(follow_symlinks=False):
+                yield _info(key, entry.stat(follow_symlinks=False))
 
     def _list_sync(self, prefix: str, delimiter: str | None, token: str | None) -> ListPage:
         if token is not None:
@@ -81,18 +89,24 @@ class LocalBackend(Backend):
 
     def _head_sync(self, key: str) -> ObjectInfo:
         try:
-            st = os.stat(self._path(key))
+            st = os.stat(self._path(key), follow_symlinks=False)
         except FileNotFoundError:
             raise NotFound(f"{key!r}: not found") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFound(f"{key!r}: not a regular file")
         return _info(key, st)
 
     def _get_sync(self, key: str, start: int, length: int, etag: str | None) -> bytes:
         try:
-            with open(self._path(key), "rb") as f:
+            with open(os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
                 if etag is not None and _info(key, os.fstat(f.fileno())).etag != etag:
                     raise ObjectChanged(f"{key!r}: object changed")
                 return os.pread(f.fileno(), length, start)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{key!r}: not found") from None
         except PermissionError:
             raise AccessDenied(f"{key!r}: permission denied") from None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise NotFound(f"{key!r} is a symbolic link") from None
