@@ -174,3 +174,26 @@ def test_model_examples() -> None:
     dirs, files = expected(["a//b", "/a", "a/./b", "a/../b", f"{LONG_BAD}/x", "dir/", "dir/f", "p", "p/q"])
     assert dirs == {"a", "dir", "p"} and set(files) == {"dir/f", "p/q"}
     assert errno.ENOENT  # (keeps the import honest for the error checks above)
+
+
+def test_file_source_symlinks_lead_nowhere(tmp_path: Path) -> None:
+    """A symbolic link in a file:// source (to a file or a directory outside it, or inside it)
+    is not shown and cannot be read through the mount: the mount shows what is in the directory,
+    never what a link points at (as root with --allow-other that could be /etc/shadow)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("outside the source\n")
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "real.txt").write_text("inside\n")
+    (src / "to-file").symlink_to(outside / "secret.txt")
+    (src / "to-dir").symlink_to(outside)
+    (src / "to-inside").symlink_to(src / "d" / "real.txt")
+    (src / "d" / "up").symlink_to("..")
+    with mounted(f"file://{src}", tmp_path / "mnt", tmp_path / "cache", dict(os.environ)) as m:
+        dirs, files = observed(m.path)
+        assert (dirs, files) == ({"d"}, {"d/real.txt"})
+        for name in ("to-file", "to-dir/secret.txt", "to-inside", "d/up/d/real.txt"):
+            with pytest.raises(FileNotFoundError):
+                (m.path / name).read_bytes()
+        assert (m.path / "d/real.txt").read_text() == "inside\n"
