@@ -327,6 +327,7 @@ class Result:
     rss_peak: int = 0
     rss_end: int = 0
     checked: int = 0  # reads whose hash matched
+    load: float = 0.0  # 1-minute load average when this filesystem's run started
 
 
 # -- filesystems ------------------------------------------------------------------------------
@@ -465,8 +466,8 @@ TUNING = {
 
 
 def run_fs(name: str, mount: Mounter, ds: Dataset, args: argparse.Namespace, proxy_pids: list[int]) -> Result:
-    print(f"== {name}", flush=True)
-    res = Result(name, TUNING[name])
+    print(f"== {name} (load average {os.getloadavg()[0]:.1f})", flush=True)
+    res = Result(name, TUNING[name], load=os.getloadavg()[0])
     drop_caches()
     with mount() as m:
         def timed(phase: str, fn: Callable[[], tuple[float, int, int]], checks: int = 0) -> None:
@@ -573,7 +574,9 @@ def report(results: list[Result], args: argparse.Namespace, ds: Dataset, command
         "processes per epoch  ",
         f"Checked: {checked} reads, every one's blake2b equal to the one recorded at generation", "",
         "## Throughput", "",
-        "files/s (MB/s); the large file in MB/s; index: seconds for `os.walk` + `stat` of every file.", "",
+        "files/s (MB/s); the large file in MB/s; index: seconds for `os.walk` + `stat` of every file. The last "
+        f"row is the 1-minute load average when each filesystem's run began: on {os.cpu_count()} cores, more than "
+        "that means other work on the host competed with it.", "",
     ]
 
     def throughput(r: Result, ph: str) -> str:
@@ -587,6 +590,7 @@ def report(results: list[Result], args: argparse.Namespace, ds: Dataset, command
         return f"{p.files_per_s():.0f} ({p.mb_per_s():.0f} MB/s)"
 
     lines += table(results, phases, throughput)
+    lines.append("| load average at start | " + " | ".join(f"{r.load:.1f}" for r in results) + " |")
     daemons = [r for r in results if r.fs != "native"]
     lines += ["", "## Daemon CPU seconds per phase, and memory", "",
               "utime + stime of the FUSE daemon process during the phase; RSS is VmHWM / VmRSS at the end.", ""]
