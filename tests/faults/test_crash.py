@@ -150,8 +150,10 @@ def test_kill9_during_prefetch_and_reads_then_remount(faulty_moto: Faulty, tmp_p
         wait_daemon_gone(cache)
     log = daemon_log(cache)
     stale = log.count("is a stale mount")
+    repairs = re.findall(r"repaired (\d+) index entries without data and (\d+) data files", log)
     print(f"\n{GROUPS} kill -9 ({', '.join(mode)}), {stale} stale mountpoints cleaned up, blocks reused "
-          f"after each crash {reused} of {BLOCKS_PER_GROUP}, {checked_total} file reads checked")
+          f"after each crash {reused} of {BLOCKS_PER_GROUP}, start-up repairs {repairs}, "
+          f"{checked_total} file reads checked")
     assert stale == GROUPS
     assert str(mnt) not in fuse_mounts()
     # Data cached before a crash was reused in most rounds (a kill may land before the first block).
