@@ -56,17 +56,6 @@ def sha(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def scrape(port: int) -> dict[str, float]:
-    """The daemon's /metrics as {'name{labels}': value}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
 def metric_sum(sample: dict[str, float], name: str) -> float:
     """Sum of every series of one metric (all label values)."""
     return sum(v for k, v in sample.items() if k == name or k.startswith(name + "{"))

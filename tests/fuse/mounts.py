@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,17 @@ def cachefs(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
     if check and res.returncode != 0:
         raise AssertionError(f"cachefs {' '.join(args)} failed ({res.returncode}): {res.stderr}")
     return res
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A daemon's /metrics as {'name{labels}': value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def fuse_mounts() -> list[str]:

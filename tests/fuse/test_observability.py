@@ -17,20 +17,10 @@ import pytest
 from cachefs.http import HealthProbe
 from cachefs.testing.servers import free_port
 
-from .mounts import cachefs, mounted
+from .mounts import cachefs, mounted, scrape
 from .stores import Bucket
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def http_status(port: int, path: str) -> int:
