@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from cachefs.testing.servers import free_port
-from tests.fuse.mounts import mounted
+from tests.fuse.mounts import mounted, scrape
 
-from .helpers import Faulty, alive, http_status, metric_sum, scrape, sha
+from .helpers import Faulty, alive, http_status, metric_sum, sha
 
 pytestmark = pytest.mark.timeout(300)
 
