@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cachefs.testing.servers import Server, free_port
-from tests.fuse.mounts import mounted
+from tests.fuse.mounts import mounted, scrape
 
 from .helpers import (
     Background,
@@ -29,7 +29,6 @@ from .helpers import (
     http_status,
     metric_sum,
     rss_kib,
-    scrape,
     sha,
 )
 from .test_crash import readers
