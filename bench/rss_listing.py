@@ -5,14 +5,20 @@ folder) on local disk, mounts it with ``cachefs mount file:///...``, waits until
 is listed into LMDB, then walks and stats every file through the mount, and reports the daemon's
 RSS (VmRSS, and the peak VmHWM) at each step from /proc.
 
-    .venv/bin/python bench/rss_listing.py [--objects 1000000] [--tree /var/tmp/cachefs-1m]
+    .venv/bin/python bench/rss_listing.py [--objects 1000000] [--tree /var/tmp/cachefs-1m] [--out bench/RESULTS.md]
+
+With ``--out``, its section of that file is replaced (or appended); bench/run.py keeps it. The
+mount is unmounted and its cache dir removed also on failure; the tree stays for the next run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +26,9 @@ import time
 from pathlib import Path
 
 PER_DIR = 1000
+HEADING = "## Daemon memory with a million objects listed"
+LISTING_TIMEOUT = 1800.0  # seconds for the daemon to list the whole tree
+STOP_TIMEOUT = 20.0
 
 
 def rss(pid: int) -> tuple[float, float, float, float]:
@@ -42,16 +51,47 @@ def make_tree(root: Path, n: int) -> None:
     marker.touch()
 
 
+def replace_section(out: Path, text: str) -> None:
+    """Put this section into ``out``: in place of an earlier one, else at the end."""
+    old = out.read_text() if out.exists() else ""
+    start = old.find(HEADING)
+    if start < 0:
+        out.write_text(old.rstrip("\n") + "\n\n" + text)
+        return
+    end = old.find("\n## ", start + len(HEADING))
+    out.write_text(old[:start] + text + (old[end + 1:] if end >= 0 else ""))
+
+
+def cleanup(mnt: Path, pid: int | None) -> None:
+    """Unmount, stop the daemon if it outlived its mount, and check that no mount is left."""
+    subprocess.run([sys.executable, "-m", "cachefs.cli", "unmount", str(mnt)], check=False, capture_output=True)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)  # ProcessLookupError once it is gone
+                time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+    with open("/proc/mounts") as f:
+        if any(line.split()[1] == str(mnt) for line in f):
+            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False, capture_output=True)
+
+
 def cachefs(*args: str) -> str:
     return subprocess.run([sys.executable, "-m", "cachefs.cli", *args], check=True, capture_output=True,
                           text=True).stdout
 
 
 def main() -> None:
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)  # unwind through the finally below
+
+    signal.signal(signal.SIGTERM, terminate)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--objects", type=int, default=1_000_000)
     ap.add_argument("--tree", default="/var/tmp/cachefs-1m")
-    ap.add_argument("--out", default=None, help="append the result to this markdown file")
+    ap.add_argument("--out", default=None, help="write the result into this markdown file (its own section)")
     args = ap.parse_args()
     tree = Path(args.tree)
     t0 = time.perf_counter()
@@ -60,14 +100,17 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cachefs-rss-"))
     mnt = work / "mnt"
     mnt.mkdir()
-    cachefs("mount", f"file://{tree / 'data'}", str(mnt), "--cache-dir", str(work / "cache"))
     rows = []
+    pid = None
     try:
+        cachefs("mount", f"file://{tree / 'data'}", str(mnt), "--cache-dir", str(work / "cache"))
         st = json.loads(cachefs("status", "--json", str(mnt)))
         pid = st["pid"]
         rows.append(("mounted", *rss(pid), 0))
         t0 = time.perf_counter()
         while not st["listing"]["complete"]:
+            if time.perf_counter() - t0 > LISTING_TIMEOUT:
+                raise SystemExit(f"the listing did not finish within {LISTING_TIMEOUT:.0f} s")
             time.sleep(1)
             st = json.loads(cachefs("status", "--json", str(mnt)))
         rows.append((f"listed {st['listing']['objects']} objects into LMDB ({time.perf_counter() - t0:.0f} s)",
@@ -81,8 +124,9 @@ def main() -> None:
         rows.append((f"os.walk + stat of {seen} files through the mount ({time.perf_counter() - t0:.0f} s)",
                      *rss(pid), seen))
     finally:
-        subprocess.run([sys.executable, "-m", "cachefs.cli", "unmount", str(mnt)], check=False)
-    lines = ["", "## Daemon memory with a million objects listed", "",
+        cleanup(mnt, pid)
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [HEADING, "",
              f"Command: `.venv/bin/python bench/rss_listing.py --objects {args.objects}` "
              f"({time.strftime('%Y-%m-%d', time.gmtime())}; file:// backend, {PER_DIR} files per folder)", "",
              "| step | RSS (MB) | peak RSS (MB) | anonymous (MB) | file-backed: LMDB map (MB) |",
@@ -94,8 +138,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+        replace_section(Path(args.out), text)
 
 
 if __name__ == "__main__":

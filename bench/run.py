@@ -69,7 +69,9 @@ STOP_TIMEOUT = 20.0  # SIGTERM to SIGKILL for a daemon or the proxy
 UPLOAD_WORKERS = 32
 LOGNORMAL_SIGMA = 0.6  # spread of file sizes (ImageNet JPEGs: most 50-200 KB, a long tail)
 READ_CHUNK = 8 << 20  # the large file is read in 8 MiB read() calls
-RSS_HEADING = "## Daemon memory with a million objects listed"  # bench/rss_listing.py's section
+# RESULTS.md from this line on is not this script's: bench/rss_listing.py's section and notes on
+# the run; a new run keeps it as it is.
+KEEP_MARKER = "<!-- Not written by bench/run.py: a new run keeps what follows. -->"
 SMOKE = {"files": 300, "classes": 10, "large_mb": 16, "rtt_ms": 2.0, "epochs": 2,
          "only": "native,cachefs,cachefs+prefetch"}
 
@@ -684,12 +686,12 @@ def main() -> int:
         text = report(results, args, ds, command)
         print(text)
         out = Path(args.out)
-        keep = ""
+        keep = KEEP_MARKER + "\n"
         with contextlib.suppress(OSError):
             old = out.read_text()
-            if RSS_HEADING in old:  # bench/rss_listing.py's section is not this run's to drop
-                keep = "\n" + old[old.index(RSS_HEADING):]
-        out.write_text(text + keep)
+            if KEEP_MARKER in old:
+                keep = old[old.index(KEEP_MARKER):]
+        out.write_text(text + "\n" + keep)
         return 0
     finally:
         for mnt in work.glob("fs-*/mnt"):
