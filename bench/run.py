@@ -606,9 +606,9 @@ def report(results: list[Result], args: argparse.Namespace, ds: Dataset, command
             continue
         others = [o for o in results if o is not r]
         lines += ["", f"## Ratios: {r.fs} vs the others", "",
-                  "speed of cachefs / speed of the column (files/s, MB/s, 1/seconds for the index); >1 is faster.", "",
-                  "| phase | " + " | ".join(f"vs {o.fs}" for o in others) + " |", "|---" * (len(others) + 1) + "|"]
-        for ph in r.phases:
+                  f"speed of {r.fs} / speed of the column (files/s, MB/s, 1/seconds for the index); >1 is faster.",
+                  "", "| phase | " + " | ".join(f"vs {o.fs}" for o in others) + " |", "|---" * (len(others) + 1) + "|"]
+        for ph in [ph for ph in r.phases if any(ph in o.phases for o in others)]:
             lines.append(f"| {ph} | " + " | ".join(
                 f"{speed(r, ph) / speed(o, ph):.2f}x" if ph in o.phases else "—" for o in others) + " |")
     checks = targets(by)
