@@ -408,6 +408,18 @@ S3FS_OPTIONS = ["use_path_request_style", "parallel_count=16", "multireq_max=32"
                 "attr_timeout=3600", "ro"]
 
 
+def _run_peer(cmd: list[str], mnt: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[Mount]:
+    """Start a peer's FUSE daemon in the foreground, yield its mount, unmount and stop it."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_mounted(mnt, proc)
+        yield Mount(mnt, [proc.pid])
+    finally:
+        unmount(mnt)
+        stop(proc)
+
+
 @contextlib.contextmanager
 def mount_s3fs(work: Path, endpoint: str, env: dict[str, str]) -> Iterator[Mount]:
     mnt, cache = work / "mnt", work / "cache"
@@ -417,14 +429,7 @@ def mount_s3fs(work: Path, endpoint: str, env: dict[str, str]) -> Iterator[Mount
     passwd.write_text(f"{env['AWS_ACCESS_KEY_ID']}:{env['AWS_SECRET_ACCESS_KEY']}\n")
     passwd.chmod(0o600)
     opts = [f"url={endpoint}", f"passwd_file={passwd}", f"use_cache={cache}", *S3FS_OPTIONS]
-    proc = subprocess.Popen(["s3fs", BUCKET, str(mnt), "-f", "-o", ",".join(opts)],
-                            stdout=subprocess.DEVNULL, stderr=open(work / "s3fs.log", "wb"))  # noqa: SIM115
-    try:
-        wait_mounted(mnt, proc)
-        yield Mount(mnt, [proc.pid])
-    finally:
-        unmount(mnt)
-        stop(proc)
+    yield from _run_peer(["s3fs", BUCKET, str(mnt), "-f", "-o", ",".join(opts)], mnt, work / "s3fs.log")
 
 
 RCLONE_OPTIONS = ["--read-only", "--vfs-cache-mode", "full", "--vfs-cache-max-size", "100G",
@@ -443,13 +448,7 @@ def mount_rclone(work: Path, endpoint: str, env: dict[str, str]) -> Iterator[Mou
                  "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
                  "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true", "RCLONE_CONFIG": str(work / "none.conf")})
     cmd = ["rclone", "mount", f"bench:{BUCKET}", str(mnt), "--cache-dir", str(cache), *RCLONE_OPTIONS]
-    proc = subprocess.Popen(cmd, env=renv, stdout=subprocess.DEVNULL, stderr=open(work / "rclone.log", "wb"))  # noqa: SIM115
-    try:
-        wait_mounted(mnt, proc)
-        yield Mount(mnt, [proc.pid])
-    finally:
-        unmount(mnt)
-        stop(proc)
+    yield from _run_peer(cmd, mnt, work / "rclone.log", renv)
 
 
 @contextlib.contextmanager

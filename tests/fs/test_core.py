@@ -182,16 +182,22 @@ def test_stable_policy_reaches_the_optimum_on_shuffled_epochs(tmp_path: Path) ->
     assert max(lru) < 0.9 * optimum, lru  # the reason stable is the default
 
 
+async def prefetch_all(core: CoreFS, concurrency: int) -> Prefetcher:
+    """Run one prefetch of the whole mount to its end."""
+    pre = Prefetcher(core, concurrency=concurrency)
+    core.nursery.start_soon(pre.run)  # type: ignore[union-attr]
+    pre.submit([""])
+    await trio.sleep(0)
+    await pre.idle.wait()
+    return pre
+
+
 def test_prefetch_fills_cache_then_reads_hit(tmp_path: Path) -> None:
     files = {f"k{i % 5}/f{i}": os.urandom(5000 + i) for i in range(200)}
     make_tree(tmp_path / "src", files)
 
     async def body(core: CoreFS) -> None:
-        pre = Prefetcher(core, concurrency=16)
-        core.nursery.start_soon(pre.run)  # type: ignore[union-attr]
-        pre.submit([""])
-        await trio.sleep(0)
-        await pre.idle.wait()
+        pre = await prefetch_all(core, concurrency=16)
         assert pre.progress.files_done == 200 and pre.progress.files_failed == 0
         before = backend_gets()
         for rel, data in files.items():
@@ -205,11 +211,7 @@ def test_prefetch_stops_when_cache_full(tmp_path: Path) -> None:
     make_tree(tmp_path / "src", {f"f{i:03d}": os.urandom(10_000) for i in range(100)})
 
     async def body(core: CoreFS) -> None:
-        pre = Prefetcher(core, concurrency=4)
-        core.nursery.start_soon(pre.run)  # type: ignore[union-attr]
-        pre.submit([""])
-        await trio.sleep(0)
-        await pre.idle.wait()
+        pre = await prefetch_all(core, concurrency=4)
         assert pre.progress.stopped_full
         assert core.cache.used <= 500_000
         assert 40 <= pre.progress.files_done <= 50
