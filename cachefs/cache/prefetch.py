@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 import trio
 
 from .. import metrics
-from ..fs.core import CoreFS, FsError
+from ..errors import BackendError
 from ..metadata import Record
-from .store import BLOCK_SIZE, BlockRef
+from ..metadata.listing import Lister
+from .reader import BlockReader, block_count, block_ref
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,11 @@ class Job:
 
 
 class Prefetcher:
-    def __init__(self, core: CoreFS, concurrency: int) -> None:
-        self.core = core
+    def __init__(self, lister: Lister, reader: BlockReader, concurrency: int) -> None:
+        self.lister = lister
+        self.meta = lister.meta
+        self.reader = reader
+        self.cache = reader.cache
         self.concurrency = concurrency
         self.progress = Progress()
         self.idle = trio.Event()
@@ -81,15 +85,15 @@ class Prefetcher:
                 self.idle.set()
 
     def _files(self, job: Job) -> Iterator[Record]:
-        meta = self.core.meta
+        meta = self.meta
         for path in job.paths:
             rec = meta.resolve(path)
             if rec is None:
                 log.warning("prefetch: %r is not in the bucket listing", path)
                 continue
             if rec.is_dir:
-                yield from meta.iter_files(rec.ino)
-            else:
+                yield from (r for r in meta.iter_files(rec.ino) if not r.local)
+            elif not rec.local:  # written here and not uploaded yet: nothing to fetch
                 yield rec
 
     async def _run_job(self, job: Job) -> None:
@@ -99,9 +103,9 @@ class Prefetcher:
         if not job.ordered:
             # List first (in parallel), so the walk below sees every file.
             for path in job.paths:
-                rec = self.core.meta.resolve(path)
+                rec = self.meta.resolve(path)
                 if rec is not None and rec.is_dir:
-                    await self.core.walk(rec.ino)
+                    await self.lister.walk(rec.ino)
         for rec in self._files(job):
             p.files_total += 1
             p.bytes_total += rec.size
@@ -118,7 +122,7 @@ class Prefetcher:
                 for rec in self._files(job):
                     if p.stopped_full:
                         break
-                    nblocks = max(1, (rec.size + BLOCK_SIZE - 1) // BLOCK_SIZE)
+                    nblocks = block_count(rec.size)
                     remaining = [nblocks]  # blocks of this file still to do (shared counter)
                     for block in range(nblocks):
                         await send.send((rec, block, remaining))
@@ -135,19 +139,19 @@ class Prefetcher:
             async for rec, block, remaining in recv:
                 if p.stopped_full:
                     continue
-                ref: BlockRef = self.core.block_ref(rec, block)
+                ref = block_ref(rec.ino, rec.etag, rec.size, block)
                 ok = True
-                cache = self.core.cache
+                cache = self.cache
                 if not cache.contains(ref) and cache.used + ref.size > cache.capacity:
                     p.stopped_full = True  # no room without evicting: stop before downloading
                     continue
                 if not cache.contains(ref):
                     try:
-                        await self.core.fetch(ref, rec.rel, evict=False)
-                    except FsError as exc:
+                        await self.reader.fetch(ref, self.lister.key(rec), evict=False)
+                    except BackendError as exc:
                         ok = False
                         log.warning("prefetch of %r failed: %s", rec.rel, exc)
-                    if ok and ref.size and not self.core.cache.contains(ref):
+                    if ok and ref.size and not cache.contains(ref):
                         p.stopped_full = True  # not admitted: the cache is full
                         continue
                 p.bytes_done += ref.size

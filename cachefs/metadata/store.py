@@ -5,6 +5,7 @@ Layout (one LMDB environment per cache namespace, four named databases):
     inodes   ino (u64 BE)                    -> Record (struct header + etag + key)
     dirents  parent ino (u64 BE) + name      -> child ino (u64 BE)
     blocks   ino (u64 BE) + block (u32 BE)   -> etag hash (u64) + size (u64) + atime (f64)
+    staged   ino (u64 BE)                    -> multipart upload id (utf-8, may be empty)
     meta     b"schema", b"next_ino", b"files", b"bytes"
 
 Invariants:
@@ -15,6 +16,9 @@ Invariants:
   each entry's ``seen`` is the start time of the last listing that saw it. After a complete
   listing started at T, children with ``seen < T`` are gone from the bucket and are removed.
 - A block entry exists only once its data file is complete (see ``cache.store``).
+- A file written through the mount and not yet uploaded is *local*: its ``seen`` is ``LOCAL``
+  (later than any listing), so listings neither overwrite it nor remove it; it has a ``staged``
+  entry (the write journal, see ``cache.writer``) until its data is in the bucket.
 
 Transactions are short and run on the trio thread (microseconds to a few milliseconds for a page
 of 1,000 keys). The environment is opened with ``sync=False``: a killed daemon loses nothing (the
@@ -43,6 +47,7 @@ SCHEMA = b"cachefs-1"
 #: Callers that can go on without the write (the listing, the cache index) catch it.
 WriteError = lmdb.Error
 ROOT_INODE = 1
+LOCAL = float("inf")  # ``seen`` of a file whose data is only on this machine (not yet uploaded)
 MAP_SIZE = 1 << 40  # address space only; the file grows with use (1M objects ~ 300 MB)
 
 _U64 = struct.Struct(">Q")
@@ -71,6 +76,15 @@ class Record:
     @property
     def is_dir(self) -> bool:
         return self.kind is Kind.DIR
+
+    @property
+    def local(self) -> bool:
+        """Written here and not yet uploaded: listings must not touch it."""
+        return self.seen == LOCAL
+
+    @property
+    def name(self) -> str:
+        return self.rel.rstrip("/").rpartition("/")[2]
 
     def pack(self) -> bytes:
         etag = self.etag.encode()
@@ -125,12 +139,13 @@ class MetadataStore:
 
     def __init__(self, path: str) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)
-        self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=4, subdir=True, sync=False,
+        self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=5, subdir=True, sync=False,
                              metasync=False, readahead=False, max_readers=512, lock=True, mode=0o600)
         self.inodes = self.env.open_db(b"inodes")
         self.dirents = self.env.open_db(b"dirents")
         self.blocks = self.env.open_db(b"blocks")
         self.meta = self.env.open_db(b"meta")
+        self.staged = self.env.open_db(b"staged")
         with self.env.begin(write=True) as txn:
             schema = txn.get(b"schema", db=self.meta)
             if schema is None:
@@ -308,6 +323,8 @@ class MetadataStore:
                     if rec.kind is Kind.DIR:
                         result.skipped += 1  # the directory wins
                         continue
+                    if rec.local:
+                        continue  # written here, not uploaded yet: ours is newer
                     if rec.etag != etag or rec.size != size:
                         result.changed.append(rec.ino)
                         self._adjust(txn, 0, size - rec.size)
@@ -344,7 +361,7 @@ class MetadataStore:
                         if not bytes(key).startswith(prefix):
                             break
                         rec = self._child(txn, bytes(child))
-                        if rec.seen < started:
+                        if rec.seen < started and not self._holds_local(txn, rec):
                             stale.append(rec)
                         elif recursive and rec.is_dir:
                             stack.append(rec.ino)
@@ -369,6 +386,12 @@ class MetadataStore:
         txn.delete(_U64.pack(rec.parent) + encode_name(name), db=self.dirents)
         txn.delete(_U64.pack(rec.ino), db=self.inodes)
 
+    def _holds_local(self, txn: lmdb.Transaction, rec: Record) -> bool:
+        """A directory with a local file below it stays (as long as the file is local)."""
+        if not rec.is_dir:
+            return rec.local
+        return any(self._holds_local(txn, child) for child in self._children_in(txn, rec.ino))
+
     def _children_in(self, txn: lmdb.Transaction, parent: int) -> list[Record]:
         prefix = _U64.pack(parent)
         out = []
@@ -379,3 +402,104 @@ class MetadataStore:
                     break
                 out.append(self._child(txn, bytes(child)))
         return out
+
+    # -- changes made through the mount (read-write mounts) ----------------------------------
+
+    def create(self, parent: int, name: str, kind: Kind, *, local: bool, now: float) -> Record:
+        """A new empty file or directory named ``name`` in ``parent`` (which must not have it).
+        A file created here is local until uploaded; a directory is listed (empty) as of now."""
+        with self.env.begin(write=True) as txn:
+            prec = self._child(txn, _U64.pack(parent))
+            rel = prec.rel + name + ("/" if kind is Kind.DIR else "")
+            seen = LOCAL if local else now
+            rec = Record(self._alloc(txn), kind, parent, 0, time_ns(now), "", seen,
+                         now if kind is Kind.DIR else 0.0, rel)
+            txn.put(_U64.pack(parent) + encode_name(name), _U64.pack(rec.ino), db=self.dirents)
+            txn.put(_U64.pack(rec.ino), rec.pack(), db=self.inodes)
+            if kind is Kind.FILE:
+                self._adjust(txn, 1, 0)
+            return rec
+
+    def set_file(self, ino: int, *, size: int, etag: str | None = None, mtime: float | None = None,
+                 local: bool | None = None, seen: float | None = None) -> Record | None:
+        """Update a file's size (and ETag, mtime, local state) after a write or an upload."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(_U64.pack(ino), db=self.inodes)
+            if raw is None:
+                return None
+            rec = Record.unpack(ino, raw)
+            self._adjust(txn, 0, size - rec.size)
+            rec.size = size
+            if etag is not None:
+                rec.etag = etag
+            if mtime is not None:
+                rec.mtime_ns = time_ns(mtime)
+            if local is True:
+                rec.seen = LOCAL
+            elif local is False and rec.local:
+                rec.seen = seen if seen is not None else (mtime or 0.0)
+            txn.put(_U64.pack(ino), rec.pack(), db=self.inodes)
+            return rec
+
+    def remove(self, ino: int) -> list[int]:
+        """Delete an entry (a directory with everything below it); returns removed file inodes."""
+        removed: list[int] = []
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(_U64.pack(ino), db=self.inodes)
+            if raw is not None:
+                self._remove(txn, Record.unpack(ino, raw), removed)
+        return removed
+
+    def move(self, ino: int, new_parent: int, new_name: str) -> list[int]:
+        """Rename an entry (and, for a directory, every path below it). An entry already at the
+        new name is removed first; returns the inodes of the files removed that way."""
+        removed: list[int] = []
+        with self.env.begin(write=True) as txn:
+            rec = self._child(txn, _U64.pack(ino))
+            prec = self._child(txn, _U64.pack(new_parent))
+            dkey = _U64.pack(new_parent) + encode_name(new_name)
+            old = txn.get(dkey, db=self.dirents)
+            if old is not None and bytes(old) != _U64.pack(ino):
+                self._remove(txn, self._child(txn, bytes(old)), removed)
+            txn.delete(_U64.pack(rec.parent) + encode_name(rec.name), db=self.dirents)
+            txn.put(dkey, _U64.pack(ino), db=self.dirents)
+            rec.parent = new_parent
+            stack = [(rec, prec.rel + new_name + ("/" if rec.is_dir else ""))]
+            while stack:
+                r, rel = stack.pop()
+                r.rel = rel
+                if r.is_dir:
+                    r.listed_at = 0.0  # list it again under its new name
+                    stack.extend((c, rel + c.name + ("/" if c.is_dir else ""))
+                                 for c in self._children_in(txn, r.ino))
+                txn.put(_U64.pack(r.ino), r.pack(), db=self.inodes)
+        return removed
+
+    def iter_subtree(self, top: int) -> Iterator[Record]:
+        """Every entry below directory ``top`` (files and directories)."""
+        stack = [top]
+        while stack:
+            for e in self.iter_children(stack.pop()):
+                yield e.record
+                if e.record.is_dir:
+                    stack.append(e.record.ino)
+
+    # -- the write journal ------------------------------------------------------------------
+
+    def journal_put(self, ino: int, upload_id: str = "") -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(_U64.pack(ino), upload_id.encode(), db=self.staged)
+
+    def journal_delete(self, ino: int) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.delete(_U64.pack(ino), db=self.staged)
+
+    def journal(self) -> list[tuple[int, str]]:
+        """(inode, multipart upload id) of every file with staged data not yet uploaded."""
+        with self.env.begin() as txn:
+            return [(_U64.unpack(bytes(k))[0], bytes(v).decode())
+                    for k, v in txn.cursor(db=self.staged)]
+
+
+def time_ns(seconds: float) -> int:
+    return int(seconds * 1e9)

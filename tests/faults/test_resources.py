@@ -117,6 +117,7 @@ def test_index_that_cannot_grow_does_not_break_reads(tmp_path: Path) -> None:
     from cachefs import metrics
     from cachefs.backends import create_backend
     from cachefs.cache.store import DataCache
+    from cachefs.fs import stack
     from cachefs.fs.core import CoreFS, Settings
     from cachefs.metadata import ROOT_INODE, MetadataStore
     from cachefs.source import parse_source
@@ -140,17 +141,18 @@ def test_index_that_cannot_grow_does_not_break_reads(tmp_path: Path) -> None:
         try:
             return await core.read(fh, 0, rec.size + 1)
         finally:
-            core.release(fh)
+            await core.release(fh)
 
     async def main() -> None:
         backend = create_backend(parse_source(f"file://{tmp_path / 'src'}"), timeout=5)
         meta = MetadataStore(str(tmp_path / "cache" / "meta"))
         cache = DataCache(str(tmp_path / "cache"), meta, 600_000, "lru", idle_evict=3600)
         cache.fsck()
-        core = CoreFS(meta, cache, backend, Settings(metadata_ttl=0.5))
+        layers = stack.build(meta, cache, backend, Settings(metadata_ttl=0.5))
+        core = layers.core
         try:
             async with trio.open_nursery() as nursery:
-                core.nursery = nursery
+                layers.reader.nursery = nursery
                 await core.walk()  # a directory never listed cannot be shown without an index
                 for rel in files:
                     if rel.startswith("a/"):

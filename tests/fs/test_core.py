@@ -16,6 +16,7 @@ from cachefs import metrics
 from cachefs.backends import create_backend
 from cachefs.cache.prefetch import Prefetcher
 from cachefs.cache.store import BLOCK_SIZE, DataCache
+from cachefs.fs import stack
 from cachefs.fs.core import CoreFS, FsError, Settings
 from cachefs.metadata import ROOT_INODE, MetadataStore
 from cachefs.source import parse_source
@@ -29,16 +30,19 @@ def make_tree(root: Path, files: dict[str, bytes]) -> None:
 
 
 def run_core(tmp: Path, body: Callable[[CoreFS], Awaitable[None]], *, capacity: int = 1 << 30,
-             policy: str = "stable", ttl: float = 3600) -> None:
+             policy: str = "stable", ttl: float = 3600, read_write: bool = False) -> None:
     async def main() -> None:
         backend = create_backend(parse_source(f"file://{tmp / 'src'}"), timeout=5)
         meta = MetadataStore(str(tmp / "cache" / "meta"))
         cache = DataCache(str(tmp / "cache"), meta, capacity, policy, idle_evict=3600)
         cache.fsck()
-        core = CoreFS(meta, cache, backend, Settings(metadata_ttl=ttl))
+        layers = stack.build(meta, cache, backend, Settings(metadata_ttl=ttl), read_write=read_write)
+        core = layers.core
         try:
             async with trio.open_nursery() as nursery:
-                core.nursery = nursery
+                layers.reader.nursery = nursery
+                if layers.writer is not None:
+                    await nursery.start(layers.writer.run)
                 await body(core)
                 nursery.cancel_scope.cancel()
         finally:
@@ -65,7 +69,7 @@ async def read_all(core: CoreFS, rel: str) -> bytes:
             out += chunk
         return bytes(out)
     finally:
-        core.release(fh)
+        await core.release(fh)
 
 
 def backend_gets() -> float:
@@ -89,7 +93,7 @@ def test_read_small_large_and_ranges(tmp_path: Path) -> None:
             off = rng.randrange(large.size)
             size = rng.randrange(1, 300_000)
             assert await core.read(fh, off, size) == files["a/b/large"][off:off + size]
-        core.release(fh)
+        await core.release(fh)
         with pytest.raises(FsError):
             await core.lookup(ROOT_INODE, b"missing")
 
@@ -184,8 +188,8 @@ def test_stable_policy_reaches_the_optimum_on_shuffled_epochs(tmp_path: Path) ->
 
 async def prefetch_all(core: CoreFS, concurrency: int) -> Prefetcher:
     """Run one prefetch of the whole mount to its end."""
-    pre = Prefetcher(core, concurrency=concurrency)
-    core.nursery.start_soon(pre.run)  # type: ignore[union-attr]
+    pre = Prefetcher(core.lister, core.reader, concurrency=concurrency)
+    core.reader.nursery.start_soon(pre.run)  # type: ignore[union-attr]
     pre.submit([""])
     await trio.sleep(0)
     await pre.idle.wait()
