@@ -161,8 +161,18 @@ OPTIONS: list[Option] = [
     Option("allow-other", parse_bool, False, "let other users see the mount (implies default_permissions)", flag=True),
     Option("uid", parse_uint, None, "owner shown for files (default: the mounting user)", metavar="N"),
     Option("gid", parse_uint, None, "group shown for files (default: the mounting user's)", metavar="N"),
-    Option("file-mode", parse_mode, "0444", "permission bits shown for files", metavar="OCTAL"),
-    Option("dir-mode", parse_mode, "0555", "permission bits shown for directories", metavar="OCTAL"),
+    Option("file-mode", parse_mode, None,
+           "permission bits shown for files (default: 0444, 0644 with --read-write)", metavar="OCTAL"),
+    Option("dir-mode", parse_mode, None,
+           "permission bits shown for directories (default: 0555, 0755 with --read-write)", metavar="OCTAL"),
+    Option("read-write", parse_bool, False,
+           "allow writes: files are staged in the cache dir and uploaded at close/fsync", flag=True),
+    Option("writeback-interval", parse_duration, 30.0,
+           "with --read-write, upload files kept open for writing this often (0 = only at close)",
+           metavar="SECONDS"),
+    Option("rename-dir-limit", parse_positive, 1000,
+           "with --read-write, rename a directory of at most this many objects (larger: EXDEV)",
+           metavar="N"),
 ]
 BY_KEY = {opt.key: opt for opt in OPTIONS}
 

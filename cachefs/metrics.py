@@ -11,12 +11,16 @@ import errno as errno_mod
 
 from prometheus_client import Counter, Gauge, Histogram
 
-BACKEND_OPERATIONS = ("list", "head", "get", "put", "delete")
+BACKEND_OPERATIONS = ("list", "head", "get", "put", "delete", "copy")
 BACKEND_OUTCOMES = ("ok", "not_found", "error")
 FUSE_OPERATIONS = (
     "lookup", "getattr", "readdir", "opendir", "open", "read", "release", "statfs",
-    "getxattr", "listxattr", "forget", "write",
+    "getxattr", "listxattr", "forget", "write", "create", "flush", "fsync", "setattr", "mkdir",
+    "rmdir", "unlink", "rename",
 )
+# How an upload failed, as the writer saw it (EIO: the store, after retries; ENOSPC: the staging
+# disk or the cache capacity; ESTALE: the object changed while an append copied it).
+UPLOAD_ERRNOS = ("EIO", "ENOSPC", "ESTALE")
 READ_SOURCES = ("cache", "backend")
 PREFETCH_STATES = ("queued", "done", "failed")
 
@@ -58,6 +62,13 @@ prefetch_objects = Counter("cachefs_prefetch_objects", "Objects through the pref
 prefetch_bytes = Counter("cachefs_prefetch_bytes", "Bytes through the prefetcher", ["state"])
 prefetch_pending = Gauge("cachefs_prefetch_pending_objects",
                          "Objects queued for prefetch and not yet done")
+write_bytes = Counter("cachefs_write_bytes", "Bytes written to files through the mount")
+upload_bytes = Counter("cachefs_upload_bytes", "Bytes uploaded to the object store (PUTs and parts)")
+uploads_in_flight = Gauge("cachefs_uploads_in_flight", "PUTs and part uploads in progress")
+upload_failures = Counter("cachefs_upload_failures", "Uploads of written files that failed, by the "
+                          "errno the writer saw", ["errno"])
+write_staged_bytes = Gauge("cachefs_write_staged_bytes",
+                           "Bytes written through the mount and held on the cache disk until uploaded")
 
 
 def errno_name(code: int) -> str:
@@ -75,6 +86,8 @@ def _precreate() -> None:
     for op in FUSE_OPERATIONS:
         fuse_operations.labels(op)
         fuse_duration.labels(op)
+    for code in UPLOAD_ERRNOS:
+        upload_failures.labels(code)
     for state in PREFETCH_STATES:
         prefetch_objects.labels(state)
         prefetch_bytes.labels(state)

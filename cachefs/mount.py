@@ -31,11 +31,14 @@ from . import control, http, logs, metrics
 from .backends import create_backend
 from .cache.prefetch import Prefetcher
 from .cache.store import DataCache
+from .cache.writer import Writer
 from .config import MountConfig
 from .errors import BackendError, MountError, TemporaryFailure, UsageError
+from .fs import stack
 from .fs.adapter import CachefsOperations
 from .fs.core import CoreFS, Settings
 from .metadata import MetadataStore
+from .metadata.listing import Lister
 from .metadata.store import WriteError
 from .source import parse_source
 
@@ -46,6 +49,7 @@ ATIME_FLUSH_INTERVAL = 10.0
 SYNC_INTERVAL = 30.0  # LMDB runs without fsync per commit; flush it this often
 ONDEMAND_CONNECTIONS = 64  # backend connections kept free of prefetch for readers
 FUSE_MAX_TASKS = 512  # concurrent FUSE requests in flight
+SHUTDOWN_UPLOAD_DEADLINE = 60.0  # seconds an unmount waits for uploads of closed files
 
 
 def is_stale(path: str) -> bool:
@@ -175,12 +179,22 @@ class Daemon:
 
         uid = cfg.uid if cfg.uid is not None else os.getuid()
         gid = cfg.gid if cfg.gid is not None else os.getgid()
-        core = CoreFS(meta, cache, backend, Settings(cfg.metadata_ttl, uid, gid, cfg.file_mode, cfg.dir_mode))
-        prefetcher = Prefetcher(core, cfg.prefetch_concurrency)
+        rw = cfg.read_write
+        settings = Settings(cfg.metadata_ttl, uid, gid,
+                            cfg.file_mode if cfg.file_mode is not None else (0o644 if rw else 0o444),
+                            cfg.dir_mode if cfg.dir_mode is not None else (0o755 if rw else 0o555),
+                            rename_dir_limit=cfg.rename_dir_limit)
+        layers = stack.build(meta, cache, backend, settings, read_write=rw,
+                             writeback_interval=cfg.writeback_interval,
+                             prefetch_concurrency=cfg.prefetch_concurrency)
+        core, prefetcher, writer = layers.core, layers.prefetcher, layers.writer
+        if writer is not None:
+            writer.recover()
         sock_path = control_socket_path(ns_dir)
         ops = CachefsOperations(core, sock_path)
 
-        options = {"fsname=cachefs", "subtype=cachefs", "ro", "noatime", "nodev", "nosuid"}
+        options = {"fsname=cachefs", "subtype=cachefs", "noatime", "nodev", "nosuid",
+                   "rw" if rw else "ro"}
         if cfg.allow_other:
             options |= {"allow_other", "default_permissions"}
         try:
@@ -189,30 +203,34 @@ class Daemon:
             meta.close()
             raise MountError(f"cannot mount {cfg.mountpoint}: {exc}") from None
         self.mounted_at = time.time()
-        invalidate_send, invalidate_recv = trio.open_memory_channel[int](10000)
+        invalidations = Invalidator()
+        drop = layers.lister.on_stale
 
-        def on_changed(inos: list[int]) -> None:
-            for ino in inos:
-                with contextlib.suppress(trio.WouldBlock):
-                    invalidate_send.send_nowait(ino)
+        def stale(inos: list[int]) -> None:
+            drop(inos)
+            invalidations.add(inos)
 
-        core.on_changed = on_changed
+        layers.lister.on_stale = stale
         server = None
         try:
             if cfg.metrics_addr:
                 probe = http.HealthProbe(cfg.mountpoint)
                 server = http.start(cfg.metrics_addr, probe.healthy, self._is_ready(prefetcher))
             async with trio.open_nursery() as nursery:
-                core.nursery = nursery
+                layers.reader.nursery = nursery
                 nursery.start_soon(self._fuse_main, nursery)
                 nursery.start_soon(self._signals, nursery)
                 await nursery.start(control.serve, sock_path, self._control_handler(core, prefetcher))
+                if writer is not None:
+                    await nursery.start(writer.run)
                 nursery.start_soon(prefetcher.run)
                 nursery.start_soon(self._housekeeping, cache, meta)
-                nursery.start_soon(_invalidator, invalidate_recv)
-                nursery.start_soon(self._initial_listing, core, prefetcher)
+                nursery.start_soon(invalidations.run)
+                nursery.start_soon(self._initial_listing, layers.lister, prefetcher)
                 self.ready = True
                 on_ready()
+            if writer is not None:
+                await self._upload_before_exit(writer)
         finally:
             if server is not None:
                 server.shutdown()
@@ -223,6 +241,23 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await backend.aclose()
             log.info("unmounted %s", cfg.mountpoint)
+
+    async def _upload_before_exit(self, writer: Writer) -> None:
+        """Files closed but not uploaded yet (their upload failed): one more try, bounded. What
+        is still not uploaded stays in the journal and is uploaded at the next start."""
+        pending = [st for st in writer.files.values() if st.dirty and not st.deleted]
+        if not pending:
+            return
+        log.info("uploading %d file(s) before exit", len(pending))
+        with trio.move_on_after(SHUTDOWN_UPLOAD_DEADLINE):
+            async with trio.open_nursery() as nursery:
+                writer.nursery = nursery
+                for st in pending:
+                    nursery.start_soon(_try_commit, writer, st)
+        left = [st for st in pending if st.dirty]
+        if left:
+            log.warning("%d file(s) not uploaded yet; they stay staged in the cache dir and are "
+                        "uploaded at the next mount of it", len(left))
 
     def _is_ready(self, prefetcher: Prefetcher) -> Callable[[], bool]:
         def ready() -> bool:
@@ -248,11 +283,11 @@ class Daemon:
                 nursery.cancel_scope.cancel()
                 return
 
-    async def _initial_listing(self, core: CoreFS, prefetcher: Prefetcher) -> None:
+    async def _initial_listing(self, lister: Lister, prefetcher: Prefetcher) -> None:
         if self.cfg.prefetch:
             prefetcher.submit([""])
         try:
-            await core.walk()
+            await lister.walk()
         except Exception as exc:
             log.warning("initial listing failed: %s", exc)
 
@@ -306,7 +341,7 @@ class Daemon:
             "source": self.source.url,
             "mountpoint": self.cfg.mountpoint,
             "uptime": time.time() - self.mounted_at,
-            "listing": {"objects": files, "bytes": size, "complete": core.listed_once.is_set()},
+            "listing": {"objects": files, "bytes": size, "complete": core.lister.listed_once.is_set()},
             "cache": {"dir": core.cache.root, "used_bytes": core.cache.used,
                       "capacity_bytes": core.cache.capacity, "policy": core.cache.policy,
                       "full": core.cache.full},
@@ -319,17 +354,54 @@ class Daemon:
                         "retries": sum(sample("cachefs_backend_retries_total", operation=op)
                                        for op in metrics.BACKEND_OPERATIONS)},
             "prefetch": prefetcher.progress.as_dict(),
+            "writes": self._write_status(core),
         }
 
+    @staticmethod
+    def _write_status(core: CoreFS) -> dict[str, Any] | None:
+        writer = core.writer
+        if writer is None:
+            return None
+        return {"pending": writer.pending(), "recovered": list(writer.recovered),
+                "staged_bytes": writer.staged_bytes,
+                "uploaded_bytes": metrics.upload_bytes._value.get()}
 
-async def _invalidator(recv: trio.MemoryReceiveChannel[int]) -> None:
-    """Drop the kernel's cached pages and attributes of objects that changed in the bucket.
-    Runs in a thread: the kernel may wait on a request the daemon is answering."""
-    async for ino in recv:
-        def inval(ino: int = ino) -> None:
-            with contextlib.suppress(OSError):
-                pyfuse3.invalidate_inode(pyfuse3.InodeT(ino), attr_only=False)
-        await trio.to_thread.run_sync(inval)
+
+class Invalidator:
+    """Drops the kernel's cached pages and attributes of files that changed in the bucket.
+
+    Inodes are collected in a set (no channel that could fill up and drop one): each is
+    invalidated once however often it is reported, and none is ever lost. Runs the kernel
+    calls in a thread, since the kernel may wait on a request the daemon is answering."""
+
+    def __init__(self) -> None:
+        self._pending: set[int] = set()
+        self._wake = trio.Event()
+
+    def add(self, inos: list[int]) -> None:
+        if inos:
+            self._pending.update(inos)
+            self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            batch, self._pending = self._pending, set()
+
+            def inval(inos: set[int] = batch) -> None:
+                for ino in inos:
+                    with contextlib.suppress(OSError):
+                        pyfuse3.invalidate_inode(pyfuse3.InodeT(ino), attr_only=False)
+
+            await trio.to_thread.run_sync(inval)
+
+
+async def _try_commit(writer: Writer, st: Any) -> None:
+    try:
+        await writer.commit(st)
+    except Exception as exc:
+        log.warning("upload at exit failed: %s", exc)
 
 
 def _wipe(ns_dir: str) -> None:

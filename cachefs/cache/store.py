@@ -162,12 +162,13 @@ class DataCache:
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def reserve(self, size: int, *, evict: bool = True) -> bool:
+    async def reserve(self, size: int, *, evict: bool = True, urgent: bool = False) -> bool:
         """Admit ``size`` bytes (evicting if the policy allows) and count them as used now, so
         concurrent downloads never overshoot the capacity. False: not admitted (counted).
-        Every True must be followed by ``commit`` or ``unreserve``."""
+        Every True must be followed by ``commit`` or ``unreserve``. ``urgent`` (data written
+        through the mount) evicts the least recently used cached data whatever the policy."""
         while self.used + size > self.capacity:
-            if not await self._make_room(size, evict):
+            if not await self._make_room(size, evict, urgent):
                 metrics.cache_rejected.inc()
                 return False
         self.used += size
@@ -175,6 +176,47 @@ class DataCache:
 
     def unreserve(self, size: int) -> None:
         self.used -= size
+        metrics.cache_used.set(self.used)
+
+    def charge(self, size: int) -> None:
+        """Count bytes that are already on disk (staged data found at start) as used."""
+        self.used += size
+        metrics.cache_used.set(self.used)
+
+    def adopt(self, ino: int, etag: str, fd: int, size: int) -> bool:
+        """Turn an uploaded staging file (open as ``fd``) into cached blocks of version ``etag``;
+        the ``size`` bytes are already reserved. Blocking: runs in a thread. False if the
+        blocks could not be written or recorded (the caller then unreserves)."""
+        refs = []
+        try:
+            for block in range(max(1, (size + BLOCK_SIZE - 1) // BLOCK_SIZE) if size else 0):
+                ref = BlockRef(ino, block, etag, min(BLOCK_SIZE, size - block * BLOCK_SIZE))
+                path = self.path(ino, block, etag)
+                tmp = f"{path}.{os.getpid()}.adopt{TMP_SUFFIX}"
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    offset, left = block * BLOCK_SIZE, ref.size
+                    while left:
+                        n = os.copy_file_range(fd, out, left, offset)
+                        if n == 0:
+                            raise OSError(errno.EIO, "staging file shorter than its size")
+                        offset, left = offset + n, left - n
+                finally:
+                    os.close(out)
+                os.rename(tmp, path)
+                refs.append(ref)
+            with self.meta.env.begin(write=True) as txn:
+                now = time.time()
+                for ref in refs:
+                    txn.put(block_key(ino, ref.block), pack_block(etag_hash(etag), ref.size, now),
+                            db=self.meta.blocks)
+        except (OSError, WriteError) as exc:
+            log.warning("could not keep written data in the cache: %s", exc)
+            for ref in refs:
+                self._unlink_later(ino, ref.block, etag_hash(etag))
+            return False
+        return True
 
     def write_file(self, ref: BlockRef, data: bytes) -> OSError | None:
         """Write a block's file: temporary file, then rename. Blocking: runs in a worker thread
@@ -261,6 +303,36 @@ class DataCache:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # unlink of a small file: microseconds, fine on the trio thread
 
+    def retag(self, ino: int, old: str, new: str) -> None:
+        """The object's data is unchanged but its ETag is now ``new`` (a server-side copy):
+        keep its cached blocks under the new version."""
+        moved: list[tuple[bytes, bytes]] = []
+        with self.meta.env.begin() as txn:
+            cur = txn.cursor(db=self.meta.blocks)
+            prefix = block_key(ino, 0)[:8]
+            if cur.set_range(prefix):
+                for key, val in cur:
+                    if not bytes(key).startswith(prefix):
+                        break
+                    moved.append((bytes(key), bytes(val)))
+        keep = []
+        for key, val in moved:
+            etag_h, size, atime = unpack_block(val)
+            block = unpack_block_key(key)[1]
+            if etag_h != etag_hash(old):
+                continue
+            try:
+                os.rename(self.path(ino, block, old), self.path(ino, block, new))
+            except OSError:
+                continue
+            keep.append((key, pack_block(etag_hash(new), size, atime)))
+        try:
+            with self.meta.env.begin(write=True) as txn:
+                for key, val in keep:
+                    txn.put(key, val, db=self.meta.blocks)
+        except WriteError as exc:
+            self.index_write_failed(exc)
+
     def drop_inodes(self, inos: list[int]) -> None:
         """Forget every cached block of these files (deleted or changed in the bucket)."""
         if not inos:
@@ -286,13 +358,13 @@ class DataCache:
 
     # -- policy -----------------------------------------------------------------------------
 
-    async def _make_room(self, need: int, evict: bool) -> bool:
+    async def _make_room(self, need: int, evict: bool, urgent: bool = False) -> bool:
         if not evict:
             return False
         async with self._evicting:
             if self.used + need <= self.capacity:
                 return True
-            if self.policy == "lru":
+            if self.policy == "lru" or urgent:
                 target = int(self.capacity * LOW_WATERMARK) - need
                 cutoff = None
             else:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 CONTROL_XATTR = b"user.cachefs.control"
 BLKSIZE = 128 * 1024  # what stat reports as the preferred I/O size: one FUSE read request
 READDIR_BATCH = 64  # entries decoded per step; one kernel readdir buffer (4 KiB) holds ~25-30
+STATFS_BLOCK = 4096
 
 
 class CachefsOperations(pyfuse3.Operations):
@@ -139,8 +140,9 @@ class CachefsOperations(pyfuse3.Operations):
     async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
         async with self._op("open"):
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-                raise FsError(errno.EROFS)
-            fh = self.core.open(inode)
+                fh = await self.core.open_write(inode, truncate=bool(flags & os.O_TRUNC))
+            else:
+                fh = self.core.open(inode)
             return FileInfo(fh=FileHandleT(fh), keep_cache=True)
         raise AssertionError("unreachable")
 
@@ -150,20 +152,19 @@ class CachefsOperations(pyfuse3.Operations):
         raise AssertionError("unreachable")
 
     async def release(self, fh: FileHandleT) -> None:
-        self.core.release(fh)
+        async with self._op("release"):
+            await self.core.release(fh)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> StatvfsData:
         async with self._op("statfs"):
-            files, size = self.core.meta.totals()
+            total, free, files, ffree = self.core.statfs()
             st = StatvfsData()
-            st.f_bsize = 4096
-            st.f_frsize = 4096
-            st.f_blocks = (size + 4095) // 4096
-            st.f_bfree = 0
-            st.f_bavail = 0
-            st.f_files = files
-            st.f_ffree = 0
-            st.f_favail = 0
+            st.f_bsize = STATFS_BLOCK
+            st.f_frsize = STATFS_BLOCK
+            st.f_blocks = (total + STATFS_BLOCK - 1) // STATFS_BLOCK
+            st.f_bfree = st.f_bavail = free // STATFS_BLOCK
+            st.f_files = files + ffree
+            st.f_ffree = st.f_favail = ffree
             st.f_namemax = 255
             return st
         raise AssertionError("unreachable")
@@ -178,33 +179,79 @@ class CachefsOperations(pyfuse3.Operations):
     async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         return [CONTROL_XATTR] if inode == pyfuse3.ROOT_INODE else []
 
-    # A read-only filesystem: the mount is "ro" so the kernel refuses most writes itself; these
-    # answer the rest.
-    async def _erofs(self, name: str) -> None:
+    # -- writes: the core answers EROFS on a read-only mount (which the kernel mostly refuses
+    # itself, as the mount is "ro") ----------------------------------------------------------
+
+    async def create(self, parent_inode: InodeT, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[FileInfo, EntryAttributes]:
+        async with self._op("create"):
+            if not stat.S_ISREG(mode):
+                raise FsError(errno.EPERM, "only regular files can be created")
+            fh, rec = await self.core.create(parent_inode, name)
+            return FileInfo(fh=FileHandleT(fh), keep_cache=True), self._attr(rec)
+        raise AssertionError("unreachable")
+
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        async with self._op("write"):
+            return await self.core.write(fh, off, buf)
+        raise AssertionError("unreachable")
+
+    async def flush(self, fh: FileHandleT) -> None:
+        async with self._op("flush"):
+            if not self.core.writable:
+                # ENOSYS: the kernel stops sending FLUSH at every close of a read-only mount
+                raise pyfuse3.FUSEError(errno.ENOSYS)
+            await self.core.flush(fh)
+
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+        async with self._op("fsync"):
+            if self.core.writable:
+                await self.core.fsync(fh)
+
+    async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: FileHandleT | None, ctx: pyfuse3.RequestContext) -> EntryAttributes:
+        async with self._op("setattr"):
+            if not self.core.writable:
+                raise FsError(errno.EROFS)
+            if fields.update_size:
+                return self._attr(await self.core.truncate(inode, attr.st_size, fh))
+            # chmod, chown and utimens succeed without effect (an object has no owner or
+            # mode, and its time is when it was uploaded): cp -p, rsync -a and tar x work.
+            return self._attr(self.core.record(inode))
+        raise AssertionError("unreachable")
+
+    async def mkdir(self, parent_inode: InodeT, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> EntryAttributes:
+        async with self._op("mkdir"):
+            return self._attr(await self.core.mkdir(parent_inode, name))
+        raise AssertionError("unreachable")
+
+    async def rmdir(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        async with self._op("rmdir"):
+            await self.core.rmdir(parent_inode, name)
+
+    async def unlink(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        async with self._op("unlink"):
+            await self.core.unlink(parent_inode, name)
+
+    async def rename(self, parent_inode_old: InodeT, name_old: bytes, parent_inode_new: InodeT,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        async with self._op("rename"):
+            await self.core.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # Objects have no links, devices or symbolic links.
+    async def _eperm(self, name: str) -> None:
         async with self._op(name):
-            raise FsError(errno.EROFS)
+            raise FsError(errno.EROFS if not self.core.writable else errno.EPERM)
 
-    async def setattr(self, *args: object, **kwargs: object) -> EntryAttributes:
-        await self._erofs("setattr")
+    async def link(self, *args: object, **kwargs: object) -> EntryAttributes:
+        await self._eperm("link")
         raise AssertionError("unreachable")
 
-    async def create(self, *args: object, **kwargs: object) -> tuple[FileInfo, EntryAttributes]:
-        await self._erofs("create")
+    async def symlink(self, *args: object, **kwargs: object) -> EntryAttributes:
+        await self._eperm("symlink")
         raise AssertionError("unreachable")
 
-    async def mkdir(self, *args: object, **kwargs: object) -> EntryAttributes:
-        await self._erofs("mkdir")
-        raise AssertionError("unreachable")
-
-    async def unlink(self, *args: object, **kwargs: object) -> None:
-        await self._erofs("unlink")
-
-    async def rmdir(self, *args: object, **kwargs: object) -> None:
-        await self._erofs("rmdir")
-
-    async def rename(self, *args: object, **kwargs: object) -> None:
-        await self._erofs("rename")
-
-    async def write(self, *args: object, **kwargs: object) -> int:
-        await self._erofs("write")
+    async def mknod(self, *args: object, **kwargs: object) -> EntryAttributes:
+        await self._eperm("mknod")
         raise AssertionError("unreachable")

@@ -1,52 +1,55 @@
-"""What the filesystem does, independent of FUSE: listing, attributes, reads.
+"""What the filesystem does, independent of FUSE: names, handles, and errno.
 
-The pyfuse3 adapter (``adapter``) only converts types and errors; everything here can be driven
-from a test inside ``trio.run`` without a mount.
+The pyfuse3 adapter (``adapter``) only converts types; everything here can be driven from a
+test inside ``trio.run`` without a mount. The core never talks to a backend: listings come from
+``metadata.listing.Lister``, bytes from ``cache.reader.BlockReader``, and everything written
+(data, directories, renames, deletions) goes through ``cache.writer.Writer``. Exceptions of
+those layers become an errno here, in ``_errno`` (the one table), as ``FsError``.
 
 Concurrency protocol (what may interleave at an ``await``):
-- Listing a directory is single-flight per directory inode: a second lookup/readdir of a
-  directory being listed waits for the first listing instead of starting another.
-- Downloading a block is single-flight per (inode, block): concurrent readers of one uncached
-  object cause one GET. The download runs in the daemon's service nursery, not in the reader's
-  task, so a reader that is interrupted does not waste the download or strand other waiters.
-- An open file handle pins the object's ETag: every block it reads is fetched with If-Match on
-  that ETag and cached blocks are checked against it, so a reader never gets a mix of two
-  versions. If the object changed, the read fails with ESTALE and the listing is refreshed so
-  the next open sees the new version.
+- An open handle pins the object's ETag: every block it reads is fetched with If-Match on that
+  ETag, so a reader never gets a mix of two versions. If the object changed in the bucket, the
+  read fails with ESTALE and the record is refreshed so the next open sees the new version.
+  When this mount uploads a new version of a file, open handles move to it (they read what
+  was written here, as POSIX says).
+- Renames, unlinks and truncates of a file with staged data hold its ``Staged.lock``, so no
+  upload of it runs meanwhile (an upload never lands under a name the file has left, nor
+  resurrects a deleted file). Namespace changes (create, mkdir, rmdir, unlink, rename) are
+  serialized by ``_namespace`` so that checks ("is the name free?", "is the directory empty?")
+  still hold when the change is made.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
-import itertools
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import trio
 
-from .. import metrics
-from ..backends import Backend
-from ..cache.store import BLOCK_SIZE, BlockRef, DataCache
-from ..errors import NotFound, ObjectChanged
-from ..metadata import ROOT_INODE, MetadataStore, Record
-from ..metadata.store import WriteError
+from ..backends import ObjectInfo
+from ..cache.reader import BlockReader, Readahead, block_ref
+from ..cache.store import BLOCK_SIZE
+from ..cache.writer import NoSpace, Staged, TooLarge, Writer
+from ..errors import AccessDenied, BackendError, NotFound, ObjectChanged
+from ..metadata import ROOT_INODE, Kind, MetadataStore, Record
+from ..metadata.listing import Lister
+from ..metadata.names import NAME_MAX, decode_name
 
 log = logging.getLogger(__name__)
 
-LIST_CONCURRENCY = 32  # directories listed at once by the start-up walk
-READAHEAD_MAX_BLOCKS = 16  # sequential readers get up to 16 blocks (64 MiB) ahead
-LARGE_FETCHES = 16  # block downloads of large objects in flight (bounds memory: 16 x 4 MiB)
-RECENT_BLOCKS = 16  # large blocks kept in memory after download (64 MiB): a sequential reader
-#                     asks for each 4 MiB block in 32 reads of 128 KiB; serving those from memory
-#                     saves a disk read and a thread hop each
 # The kernel retries a failed read at once (its readahead failed, then it reads the page itself):
 # a block whose download failed for this open file less than this long ago fails again at once
 # rather than waiting out another --backend-timeout, so one read() fails within the timeout.
 FAILED_READ_MEMORY = 1.0
+RENAME_DIR_LIMIT = 1000  # objects a directory rename may copy (default of --rename-dir-limit)
+RENAME_COPIES = 16  # server-side copies in flight during a directory rename
+RENAME_NOREPLACE = 1  # renameat2 flags (linux/fs.h)
+RENAME_EXCHANGE = 2
 
 
 class FsError(Exception):
@@ -55,6 +58,38 @@ class FsError(Exception):
     def __init__(self, code: int, message: str = "") -> None:
         super().__init__(message or errno.errorcode.get(code, str(code)))
         self.errno = code
+
+
+def _errno(exc: BaseException) -> int | None:
+    """The errno a caller sees for an exception of a lower layer (None: not ours to map)."""
+    if isinstance(exc, NoSpace):
+        return errno.ENOSPC
+    if isinstance(exc, TooLarge):
+        return errno.EFBIG
+    if isinstance(exc, ObjectChanged):
+        return errno.ESTALE
+    if isinstance(exc, NotFound):
+        return errno.ENOENT
+    if isinstance(exc, AccessDenied):
+        return errno.EACCES
+    if isinstance(exc, BackendError | OSError):
+        return errno.EIO
+    return None
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except FsError:
+        raise
+    except Exception as exc:
+        code = _errno(exc)
+        if code is None:
+            raise
+        if code == errno.EIO:
+            log.warning("%s", exc)
+        raise FsError(code, str(exc)) from exc
 
 
 @dataclass
@@ -66,308 +101,408 @@ class Settings:
     dir_mode: int = 0o555
     #: shown as the time of directories, which object stores do not have
     dir_mtime_ns: int = field(default_factory=lambda: time.time_ns())
+    rename_dir_limit: int = RENAME_DIR_LIMIT
 
 
 @dataclass
 class Handle:
-    record: Record
-    next_offset: int = 0  # where a sequential reader reads next
-    window: int = 1  # readahead window in blocks; doubles while the reader stays sequential
-    ahead_until: int = 0  # blocks below this have been scheduled
+    record: Record  # as of open (or of this mount's last upload): reads are pinned to its ETag
+    ahead: Readahead = field(default_factory=Readahead)
     counted: set[int] = field(default_factory=set)  # blocks already counted as a hit or a miss
     failed: dict[int, float] = field(default_factory=dict)  # block -> when its download gave EIO
-
-
-@dataclass
-class _Flight:
-    done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
-    error: BaseException | None = None
+    staged: Staged | None = None  # set for handles that may write
 
 
 class CoreFS:
-    def __init__(self, meta: MetadataStore, cache: DataCache, backend: Backend,
+    def __init__(self, lister: Lister, reader: BlockReader, writer: Writer | None,
                  settings: Settings) -> None:
-        self.meta = meta
-        self.cache = cache
-        self.backend = backend
+        self.lister = lister
+        self.meta: MetadataStore = lister.meta
+        self.reader = reader
+        self.cache = reader.cache
+        self.writer = writer
         self.settings = settings
-        self.prefix = backend.source.prefix
         self.handles: dict[int, Handle] = {}
-        self._fh = itertools.count(1)
-        self._listing: dict[int, trio.Event] = {}
-        self._flights: dict[tuple[int, int], _Flight] = {}
-        self._large = trio.CapacityLimiter(LARGE_FETCHES)
-        self._recent: collections.OrderedDict[tuple[int, int, str], bytes] = collections.OrderedDict()
-        self.nursery: trio.Nursery | None = None  # set by run(); downloads live here
-        self.on_changed: Callable[[list[int]], None] = lambda inos: None
-        self.listed_once = trio.Event()
+        self._fh = 0
+        self._namespace = trio.Lock()
+        if writer is not None:
+            writer.on_replaced = self._replaced
 
-    # -- listing ----------------------------------------------------------------------------
-
-    def fresh(self, rec: Record) -> bool:
-        ttl = self.settings.metadata_ttl
-        return rec.listed_at > 0 and ttl > 0 and time.time() - rec.listed_at < ttl
-
-    async def ensure_listed(self, rec: Record) -> Record:
-        """The directory record, after a complete listing if its listing is missing or stale."""
-        if self.fresh(rec):
-            return rec
-        pending = self._listing.get(rec.ino)
-        if pending is not None:
-            await pending.wait()
-        else:
-            self._listing[rec.ino] = ev = trio.Event()
-            try:
-                await self._list_dir(rec)
-            except WriteError as exc:
-                # The cache dir's disk is full: serve the listing we have; try again next time.
-                self.cache.index_write_failed(exc)
-            finally:
-                del self._listing[rec.ino]
-                ev.set()
-        new = self.meta.get(rec.ino)
-        if new is None:
-            raise FsError(errno.ENOENT)
-        return new
-
-    async def _list_dir(self, rec: Record) -> None:
-        started = time.time()
-        prefix = self.prefix + rec.rel
-        token: str | None = None
-        cut = len(self.prefix)
-        while True:
-            try:
-                page = await self.backend.list_page(prefix, "/", token)
-            except NotFound:
-                break
-            result = self.meta.ingest(
-                ((o.key[cut:], o.size, o.etag, o.mtime) for o in page.objects),
-                (p[cut:] for p in page.prefixes), started)
-            if result.changed:
-                self.cache.drop_inodes(result.changed)
-                self.on_changed(result.changed)
-            token = page.token
-            if token is None:
-                break
-        removed = self.meta.finish_listing(rec.ino, started, recursive=False)
-        if removed:
-            self.cache.drop_inodes(removed)
-        files, size = self.meta.totals()
-        metrics.listing_objects.set(files)
-        metrics.listing_bytes.set(size)
-
-    async def walk(self, top: int = ROOT_INODE) -> None:
-        """List every directory below ``top``, many at once (start-up and prefetch)."""
-        send, recv = trio.open_memory_channel[int](float("inf"))
-        outstanding = 1
-        send.send_nowait(top)
-        done = trio.Event()
-
-        async def worker() -> None:
-            nonlocal outstanding
-            async for ino in recv:
-                try:
-                    rec = self.meta.get(ino)
-                    if rec is not None and rec.is_dir:
-                        rec = await self.ensure_listed(rec)
-                        for entry in self.meta.iter_children(ino):
-                            if entry.record.is_dir:
-                                outstanding += 1
-                                send.send_nowait(entry.record.ino)
-                except Exception as exc:
-                    log.warning("listing failed: %s", exc)
-                outstanding -= 1
-                if outstanding == 0:
-                    done.set()
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(LIST_CONCURRENCY):
-                nursery.start_soon(worker)
-            await done.wait()
-            nursery.cancel_scope.cancel()
-        if top == ROOT_INODE:
-            self.listed_once.set()
+    @property
+    def writable(self) -> bool:
+        return self.writer is not None
 
     # -- attributes and names ---------------------------------------------------------------
 
     def record(self, ino: int) -> Record:
         rec = self.meta.get(ino)
         if rec is None:
-            raise FsError(errno.ENOENT)
+            for h in self.handles.values():  # an unlinked file that is still open
+                if h.record.ino == ino:
+                    rec = h.record
+                    break
+            else:
+                raise FsError(errno.ENOENT)
+        return self.current(rec)
+
+    def current(self, rec: Record) -> Record:
+        """The record as readers here see it: with the size of data written and not uploaded."""
+        if self.writer is not None and not rec.is_dir:
+            size = self.writer.size_of(rec.ino)
+            if size is not None:
+                rec.size = size
         return rec
+
+    async def listed(self, ino: int) -> Record:
+        """A directory's record, with a complete, fresh listing."""
+        rec = self.record(ino)
+        if not rec.is_dir:
+            raise FsError(errno.ENOTDIR)
+        with _errors():
+            return await self.lister.ensure_listed(rec)
 
     async def lookup(self, parent: int, name: bytes) -> Record:
         if name.startswith(b".cachefs-health"):
             raise FsError(errno.ENOENT)  # health probe: answered without touching the bucket
-        prec = self.record(parent)
-        if not prec.is_dir:
-            raise FsError(errno.ENOTDIR)
-        prec = await self.ensure_listed(prec)
+        await self.listed(parent)
         rec = self.meta.lookup(parent, name)
         if rec is None:
             raise FsError(errno.ENOENT)
-        return rec
+        return self.current(rec)
 
     async def readdir(self, ino: int, after: bytes | None, limit: int) -> list[tuple[bytes, Record]]:
-        rec = self.record(ino)
-        if not rec.is_dir:
-            raise FsError(errno.ENOTDIR)
         if after is None:
-            await self.ensure_listed(rec)
-        return [(e.name, e.record) for e in self.meta.children(ino, after, limit)]
+            await self.listed(ino)
+        elif not self.record(ino).is_dir:
+            raise FsError(errno.ENOTDIR)
+        return [(e.name, self.current(e.record)) for e in self.meta.children(ino, after, limit)]
 
-    # -- data -------------------------------------------------------------------------------
+    async def walk(self, top: int = ROOT_INODE) -> None:
+        await self.lister.walk(top)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _new_handle(self, handle: Handle) -> int:
+        self._fh += 1
+        self.handles[self._fh] = handle
+        return self._fh
 
     def open(self, ino: int) -> int:
+        """Open for reading."""
         rec = self.record(ino)
         if rec.is_dir:
             raise FsError(errno.EISDIR)
-        fh = next(self._fh)
-        self.handles[fh] = Handle(rec)
-        return fh
+        return self._new_handle(Handle(rec))
 
-    def release(self, fh: int) -> None:
-        self.handles.pop(fh, None)
-
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    def _handle(self, fh: int) -> Handle:
         handle = self.handles.get(fh)
         if handle is None:
             raise FsError(errno.EBADF)
+        return handle
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self._handle(fh)
         rec = handle.record
+        if self.writer is not None:
+            with _errors():
+                data = await self.writer.read(rec.ino, offset, size)
+            if data is not None:
+                return data
         end = min(offset + size, rec.size)
         if offset >= end:
             return b""
+        key = self.lister.key(rec)
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
-        self._readahead(handle, offset, last)
+        self.reader.readahead(handle.ahead, rec.ino, rec.etag, rec.size, key, offset, last)
         parts = []
         for block in range(first, last + 1):
             bstart = block * BLOCK_SIZE
             lo, hi = max(offset, bstart) - bstart, min(end, bstart + BLOCK_SIZE) - bstart
-            parts.append(await self._read_block(handle, block, lo, hi - lo))
-        handle.next_offset = end
+            parts.append(await self._read_block(handle, key, block, lo, hi - lo))
+        handle.ahead.next_offset = end
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def block_ref(self, rec: Record, block: int) -> BlockRef:
-        start = block * BLOCK_SIZE
-        return BlockRef(rec.ino, block, rec.etag, min(BLOCK_SIZE, rec.size - start))
-
-    async def _read_block(self, handle: Handle, block: int, lo: int, length: int) -> bytes:
+    async def _read_block(self, handle: Handle, key: str, block: int, lo: int, length: int) -> bytes:
         """Bytes [lo, lo+length) of one block. Hits and misses are counted once per block per
         open file, so a 110 KB file read in two requests is one miss, not a miss and a hit."""
         rec = handle.record
-        ref = self.block_ref(rec, block)
-        first = block not in handle.counted
+        ref = block_ref(rec.ino, rec.etag, rec.size, block)
+        count = block not in handle.counted
         handle.counted.add(block)
-        recent = self._recent.get((ref.ino, ref.block, ref.etag))
-        if recent is not None:
-            self._recent.move_to_end((ref.ino, ref.block, ref.etag))
-            if first:
-                metrics.cache_hits.inc()
-            metrics.read_bytes.labels("cache").inc(length)
-            return recent[lo:lo + length]
-        path = self.cache.lookup(ref)
-        if path is not None:
-            data = await self.cache.read(path, lo, length)
-            if data is not None and len(data) == length:
-                if first:
-                    metrics.cache_hits.inc()
-                metrics.read_bytes.labels("cache").inc(length)
-                return data
-        if first:
-            metrics.cache_misses.inc()
         failed_at = handle.failed.get(block)
-        if failed_at is not None and time.monotonic() - failed_at < FAILED_READ_MEMORY:
+        if failed_at is not None and time.monotonic() - failed_at < FAILED_READ_MEMORY \
+                and not self.reader.cached(ref):
             raise FsError(errno.EIO, "the backend failed this read a moment ago")
         try:
-            data = await self.fetch(ref, rec.rel, evict=True)
-        except FsError as exc:
-            if exc.errno == errno.EIO:
-                handle.failed[block] = time.monotonic()
-            raise
-        metrics.read_bytes.labels("backend").inc(length)
-        return data[lo:lo + length]
+            return await self.reader.read(ref, key, lo, length, count=count)
+        except ObjectChanged:
+            with _errors():
+                await self.lister.refresh(rec.ino)
+            raise FsError(errno.ESTALE, "object changed in the bucket") from None
+        except BackendError as exc:
+            handle.failed[block] = time.monotonic()
+            raise FsError(errno.EIO, str(exc)) from None
 
-    async def fetch(self, ref: BlockRef, rel: str, *, evict: bool) -> bytes:
-        """Download one block (single-flight) and offer it to the cache."""
-        key = (ref.ino, ref.block)
-        flight = self._flights.get(key)
-        if flight is None:
-            flight = self._flights[key] = _Flight()
-            assert self.nursery is not None, "CoreFS.run() is not running"
-            self.nursery.start_soon(self._download, ref, rel, flight, evict)
-        await flight.done.wait()
-        if flight.error is not None:
-            if isinstance(flight.error, ObjectChanged):
-                await self._refresh(ref.ino)
-                raise FsError(errno.ESTALE, "object changed in the bucket")
-            raise FsError(errno.EIO, str(flight.error))
-        assert flight.data is not None
-        return flight.data
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is not None and handle.staged is not None and self.writer is not None:
+            with _errors():
+                await self.writer.release(handle.staged)
 
-    async def _download(self, ref: BlockRef, rel: str, flight: _Flight, evict: bool) -> None:
-        cache = self.cache
-        admitted = False
-        try:
-            if ref.size == 0:
-                flight.data = b""
-                return
-            admitted = await cache.reserve(ref.size, evict=evict)
-
-            def write(data: bytes) -> OSError | None:
-                return cache.write_file(ref, data) if admitted else None
-
-            key, start = self.prefix + rel, ref.block * BLOCK_SIZE
-            if ref.size > BLOCK_SIZE // 2:
-                async with self._large:
-                    flight.data, error = await self.backend.get_range_then(key, start, ref.size, ref.etag, write)
-                self._recent[(ref.ino, ref.block, ref.etag)] = flight.data
-                while len(self._recent) > RECENT_BLOCKS:
-                    self._recent.popitem(last=False)
-            else:
-                flight.data, error = await self.backend.get_range_then(key, start, ref.size, ref.etag, write)
-            if admitted:
-                admitted = False
-                cache.commit(ref, error)
-        except Exception as exc:
-            flight.error = exc
-            if not isinstance(exc, ObjectChanged | NotFound):
-                log.warning("download of %r block %d failed: %s", rel, ref.block, exc)
-        finally:
-            if admitted:
-                cache.unreserve(ref.size)
-            del self._flights[(ref.ino, ref.block)]
-            flight.done.set()
-
-    async def _refresh(self, ino: int) -> None:
+    def _replaced(self, ino: int) -> None:
+        """This mount uploaded a new version of ``ino``: open handles read that one now."""
         rec = self.meta.get(ino)
+        self.reader.forget(ino)
         if rec is None:
             return
-        try:
-            info = await self.backend.head(self.prefix + rec.rel)
-        except NotFound:
-            return
-        self.meta.update_file(ino, info.size, info.etag, info.mtime)
-        self.cache.drop_inodes([ino])
-        self.on_changed([ino])
+        for h in self.handles.values():
+            if h.record.ino == ino:
+                h.record = rec
+                h.counted.clear()
 
-    def _readahead(self, handle: Handle, offset: int, last: int) -> None:
-        rec = handle.record
-        if rec.size <= BLOCK_SIZE or self.nursery is None:
-            return
-        if offset != handle.next_offset and offset != 0:
-            handle.window = 1  # random access: no readahead
-            return
-        handle.window = min(handle.window * 2, READAHEAD_MAX_BLOCKS)
-        nblocks = (rec.size + BLOCK_SIZE - 1) // BLOCK_SIZE
-        start = max(last + 1, handle.ahead_until)
-        stop = min(nblocks, last + 1 + handle.window)
-        for block in range(start, stop):
-            ref = self.block_ref(rec, block)
-            if (rec.ino, block) not in self._flights and not self.cache.contains(ref):
-                self.nursery.start_soon(self._prefetch_block, ref, rec.rel)
-        handle.ahead_until = max(handle.ahead_until, stop)
+    # -- writing (read-write mounts) ----------------------------------------------------------
 
-    async def _prefetch_block(self, ref: BlockRef, rel: str) -> None:
-        with contextlib.suppress(FsError):  # the reader will fetch the block itself and see the error
-            await self.fetch(ref, rel, evict=True)
+    def _writer(self) -> Writer:
+        if self.writer is None:
+            raise FsError(errno.EROFS)
+        return self.writer
+
+    async def open_write(self, ino: int, truncate: bool) -> int:
+        writer = self._writer()
+        rec = self.record(ino)
+        if rec.is_dir:
+            raise FsError(errno.EISDIR)
+        with _errors():
+            staged = await writer.open_write(rec, truncate)
+        return self._new_handle(Handle(self.record(ino), staged=staged))
+
+    async def create(self, parent: int, name: bytes) -> tuple[int, Record]:
+        writer = self._writer()
+        _check_name(name)
+        async with self._namespace:
+            await self.listed(parent)
+            if self.meta.lookup(parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            rec = self.meta.create(parent, decode_name(name), Kind.FILE, local=True, now=time.time())
+            try:
+                staged = writer.create(rec)
+            except OSError:
+                self.meta.remove(rec.ino)
+                raise
+        return self._new_handle(Handle(rec, staged=staged)), rec
+
+    def _staged(self, fh: int) -> tuple[Handle, Staged]:
+        handle = self._handle(fh)
+        if handle.staged is None:
+            raise FsError(errno.EBADF)
+        return handle, handle.staged
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle, staged = self._staged(fh)
+        with _errors():
+            return await self._writer().write(staged, self.record(handle.record.ino), offset, data)
+
+    async def flush(self, fh: int) -> None:
+        """``close()`` of a descriptor: what it wrote is in the bucket when this returns."""
+        handle = self._handle(fh)
+        if handle.staged is not None and handle.staged.dirty:
+            with _errors():
+                await self._writer().commit(handle.staged)
+
+    fsync = flush
+
+    async def truncate(self, ino: int, size: int, fh: int | None) -> Record:
+        writer = self._writer()
+        rec = self.record(ino)
+        if rec.is_dir:
+            raise FsError(errno.EISDIR)
+        handle = self.handles.get(fh) if fh is not None else None
+        with _errors():
+            if handle is not None and handle.staged is not None:
+                await writer.truncate(handle.staged, rec, size)  # uploaded at its close
+            else:
+                staged = await writer.open_write(rec, truncate=False)  # truncate(2): now
+                try:
+                    await writer.truncate(staged, rec, size)
+                    await writer.commit(staged)
+                finally:
+                    await writer.release(staged)
+        return self.record(ino)
+
+    async def mkdir(self, parent: int, name: bytes) -> Record:
+        writer = self._writer()
+        _check_name(name)
+        async with self._namespace:
+            prec = await self.listed(parent)
+            if self.meta.lookup(parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            rel = prec.rel + decode_name(name) + "/"
+            with _errors():
+                await writer.put_marker(self.lister.prefix + rel)
+            return self.meta.create(parent, decode_name(name), Kind.DIR, local=False, now=time.time())
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        writer = self._writer()
+        async with self._namespace:
+            rec = await self.lookup(parent, name)
+            if not rec.is_dir:
+                raise FsError(errno.ENOTDIR)
+            await self.listed(rec.ino)
+            if self.meta.children(rec.ino, None, 1):
+                raise FsError(errno.ENOTEMPTY)
+            with _errors():
+                await writer.delete(self.lister.key(rec))  # the marker, if there is one
+            self.meta.remove(rec.ino)
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        writer = self._writer()
+        async with self._namespace:
+            rec = await self.lookup(parent, name)
+            if rec.is_dir:
+                raise FsError(errno.EISDIR)
+            async with self._file_lock(rec.ino):
+                with _errors():
+                    await self._remove_file(rec, writer)
+                self.meta.remove(rec.ino)
+
+    async def _remove_file(self, rec: Record, writer: Writer) -> None:
+        """Delete a file's object (if it has one) and its staged and cached data."""
+        for h in self.handles.values():
+            if h.record.ino == rec.ino:
+                h.record = rec  # still readable through open descriptors (from the staging file)
+        await writer.discard(rec.ino)
+        if not rec.local:
+            await writer.delete(self.lister.key(rec))
+        self.cache.drop_inodes([rec.ino])
+        self.reader.forget(rec.ino)
+
+    @contextlib.asynccontextmanager
+    async def _file_lock(self, ino: int | None) -> AsyncIterator[None]:
+        lock = self.writer.lock_of(ino) if self.writer is not None and ino is not None else None
+        if lock is None:
+            yield
+        else:
+            async with lock:
+                yield
+
+    async def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes,
+                     flags: int) -> None:
+        writer = self._writer()
+        if flags & RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        _check_name(name_new)
+        async with self._namespace:
+            src = await self.lookup(parent_old, name_old)
+            dparent = await self.listed(parent_new)
+            dst = self.meta.lookup(parent_new, name_new)
+            if dst is not None and dst.ino == src.ino:
+                return
+            if dst is not None and flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            new_rel = dparent.rel + decode_name(name_new) + ("/" if src.is_dir else "")
+            if src.is_dir:
+                if dst is not None:
+                    if not dst.is_dir:
+                        raise FsError(errno.ENOTDIR)
+                    await self.listed(dst.ino)
+                    if self.meta.children(dst.ino, None, 1):
+                        raise FsError(errno.ENOTEMPTY)
+                if new_rel.startswith(src.rel):
+                    raise FsError(errno.EINVAL, "cannot move a directory into itself")
+                copies = await self._rename_dir(src, new_rel, writer)
+            else:
+                if dst is not None and dst.is_dir:
+                    raise FsError(errno.EISDIR)
+                await self._rename_file(src, dst, new_rel, writer)
+            self.meta.move(src.ino, parent_new, decode_name(name_new))
+            if src.is_dir:  # a copy may have a new ETag (Azure, multipart S3 objects, file://)
+                for rec in self.meta.iter_subtree(src.ino):
+                    info = copies.get(rec.rel)
+                    if info is not None and not rec.is_dir and not rec.local and info.etag != rec.etag:
+                        self.cache.retag(rec.ino, rec.etag, info.etag)
+                        self.meta.set_file(rec.ino, size=info.size, etag=info.etag, mtime=info.mtime)
+            for h in self.handles.values():  # open files read from their new names
+                moved = self.meta.get(h.record.ino)
+                if moved is not None:
+                    h.record.rel = moved.rel
+
+    async def _rename_file(self, src: Record, dst: Record | None, new_rel: str, writer: Writer) -> None:
+        prefix = self.lister.prefix
+        async with self._file_lock(src.ino), self._file_lock(dst.ino if dst else None):
+            staged = writer.files.get(src.ino)
+            with _errors():
+                if dst is not None:
+                    await writer.discard(dst.ino)
+                    self.cache.drop_inodes([dst.ino])
+                if staged is not None and staged.dirty:
+                    # Not in the bucket as it is here: its next upload goes to the new name.
+                    if not src.local:
+                        await writer.delete(prefix + src.rel)
+                elif not src.local:
+                    info = await writer.copy(prefix + src.rel, prefix + new_rel, src.size)
+                    await writer.delete(prefix + src.rel)
+                    if info.etag != src.etag:
+                        self.cache.retag(src.ino, src.etag, info.etag)
+                    self.meta.set_file(src.ino, size=info.size, etag=info.etag, mtime=info.mtime)
+                    self._replaced(src.ino)
+
+    async def _rename_dir(self, src: Record, new_rel: str, writer: Writer) -> dict[str, ObjectInfo]:
+        """Copy every object below the directory to the new name, then delete the old ones.
+        Not atomic for other mounts (an object store has no directories); limited to
+        ``rename_dir_limit`` objects so that a mistaken ``mv`` cannot start copying a dataset.
+        Returns what each copy became, by its new path relative to the mount root."""
+        prefix = self.lister.prefix
+        limit = self.settings.rename_dir_limit
+        with _errors():
+            keys = await writer.keys_below(prefix + src.rel, limit + 1)
+        if len(keys) > limit:
+            log.warning("rename of directory %r refused: more than %d objects (--rename-dir-limit); "
+                        "mv copies it instead", src.rel, limit)
+            raise FsError(errno.EXDEV)
+        staged = [st for st in (writer.files.get(r.ino) for r in self.meta.iter_subtree(src.ino))
+                  if st is not None]
+        async with contextlib.AsyncExitStack() as stack:
+            for st in staged:
+                await stack.enter_async_context(st.lock)
+            old, new = prefix + src.rel, prefix + new_rel
+            copies: dict[str, ObjectInfo] = {}
+            with _errors():
+                limiter = trio.CapacityLimiter(RENAME_COPIES)
+
+                async def move(key: str, size: int) -> None:
+                    async with limiter:
+                        dst = new + key[len(old):]
+                        copies[dst[len(prefix):]] = await writer.copy(key, dst, size)
+
+                async with trio.open_nursery() as nursery:
+                    for key, size in keys:
+                        nursery.start_soon(move, key, size)
+                async with trio.open_nursery() as nursery:
+                    for key, _ in keys:
+                        nursery.start_soon(writer.delete, key)
+                # Directory markers, deepest first (a local directory must be empty to go).
+                dirs = [r.rel for r in self.meta.iter_subtree(src.ino) if r.is_dir] + [src.rel]
+                for rel in sorted(set(dirs) - {k[len(prefix):] for k, _ in keys}, key=len, reverse=True):
+                    await writer.delete(prefix + rel)
+        return copies
+
+    # -- setattr and statfs -----------------------------------------------------------------
+
+    def statfs(self) -> tuple[int, int, int, int]:
+        """(total bytes, free bytes, files, free files) for ``df``. A read-only mount is full;
+        a read-write mount has room for what the staging disk and the cache capacity can take."""
+        files, size = self.meta.totals()
+        if self.writer is None:
+            return size, 0, files, 0
+        cache = self.cache
+        disk = os.statvfs(cache.root)
+        disk_free = disk.f_bavail * disk.f_frsize
+        room = max(0, cache.capacity - self.writer.staged_bytes)
+        return cache.capacity, min(disk_free, room), files, disk.f_favail
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if b"/" in name or b"\0" in name or name in (b"", b".", b".."):
+        raise FsError(errno.EINVAL)
