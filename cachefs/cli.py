@@ -239,6 +239,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if p["files_total"]:
         state = "running" if p["running"] else "done"
         print(f"prefetch:   {state}: {_progress_line(p)}")
+    w = st.get("writes")
+    if w is not None:
+        print(f"writes:     {len(w['pending'])} file(s) not uploaded yet ({_human(w['staged_bytes'])} staged), "
+              f"{_human(w['uploaded_bytes'])} uploaded")
+        for f in w["pending"]:
+            print(f"  {f['state']:<9} {_human(f['size']):>9}  {f['name']}"
+                  + (f"  (last error: {f['error']})" if f["error"] else ""))
+        for f in w["recovered"]:
+            print(f"  recovered {_human(f['size']):>9}  {f['name']} ({f['state']})")
     return 0
 
 
