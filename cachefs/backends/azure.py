@@ -4,16 +4,27 @@ Credentials are read from the environment (or files named by ``*_FILE`` variable
 Kubernetes Secret mounted as a volume has), in this order: a connection string, an account key,
 a SAS token, else ``DefaultAzureCredential`` (managed identity, workload identity, Azure CLI).
 The SDK's own retries are off; ``retry.py`` owns them.
+
+Writes: a put is one Put Blob request; a multipart upload stages blocks whose ids are
+"UPLOADID-NNNNNN" (the SDK sends them base64-encoded; every id of a blob has one length, as
+Azure requires) and commits the list, so "starting" an upload needs no request and aborting one
+none either (uncommitted blocks are dropped by the next commit of the blob, or after a week).
+Bodies are sent with their Content-MD5. A copy is Copy Blob from the same container, polled
+until it has finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import time
+import uuid
 from typing import Any
 
 from azure.core import exceptions as azexc
-from azure.storage.blob import BlobPrefix, BlobServiceClient
+from azure.storage.blob import BlobBlock, BlobPrefix, BlobServiceClient
 from azure.storage.blob._generated.models import ModifiedAccessConditions
 
 from ..errors import AccessDenied, BackendError, NotFound, ObjectChanged, TemporaryFailure, Unreachable, UsageError
@@ -24,6 +35,22 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5
 READ_TIMEOUT = 30
+PUT_BLOB_MAX = 5000 << 20  # the most one Put Blob request carries (API version 2019-12-12 on)
+# Copy Blob within an account usually finishes at once; otherwise its status is polled, first
+# after 50 ms, then twice as long each time up to once a second.
+COPY_POLL_FIRST = 0.05
+COPY_POLL_MAX = 1.0
+_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+# Requests refused for what they are: retrying the same request cannot help.
+_PERMANENT = {"InvalidBlockList", "InvalidBlockId", "InvalidBlobOrBlock", "BlockCountExceedsLimit",
+              "RequestBodyTooLarge", "InvalidHeaderValue", "InvalidResourceName", "OutOfRangeInput",
+              "LeaseIdMissing", "LeaseIdMismatchWithBlobOperation", "SnapshotsPresent", "InvalidBlobType",
+              "BlobImmutableDueToPolicy", "UnsupportedHeader"}
+
+
+def block_id(upload_id: str, number: int) -> str:
+    """The id of part ``number`` of an upload (before the SDK's base64)."""
+    return f"{upload_id}-{number:06d}"
 
 
 def env_secret(name: str) -> str | None:
@@ -47,8 +74,10 @@ class AzureBackend(Backend):
     def __init__(self, source: Source, *, account: str | None, endpoint_url: str | None,
                  timeout: float, max_connections: int) -> None:
         super().__init__(source, timeout=timeout, max_connections=max_connections)
+        # max_single_put_size: a put is always one request (above it the SDK would stage blocks).
         opts: dict[str, Any] = {"retry_total": 0, "connection_timeout": CONNECT_TIMEOUT,
-                                "read_timeout": READ_TIMEOUT, "max_single_get_size": 64 << 20}
+                                "read_timeout": READ_TIMEOUT, "max_single_get_size": 64 << 20,
+                                "max_single_put_size": PUT_BLOB_MAX}
         conn_str = env_secret("AZURE_STORAGE_CONNECTION_STRING")
         account = account or os.environ.get("AZURE_STORAGE_ACCOUNT")
         secrets: list[str] = []
@@ -90,6 +119,10 @@ class AzureBackend(Backend):
             return AccessDenied(f"{what}: access denied")
         if isinstance(exc, azexc.HttpResponseError):
             status = exc.status_code or 0
+            code = getattr(exc, "error_code", None) or ""
+            code = str(getattr(code, "value", code))  # a StorageErrorCode (str enum) or a str
+            if code in _PERMANENT:
+                return BackendError(f"{what}: refused by the store ({code})")
             if status == 404:
                 return NotFound(f"{what}: not found")
             if status == 403:
@@ -165,6 +198,77 @@ class AzureBackend(Backend):
             return b"".join(stream)
 
         return self._run(f"get {key!r}", fetch)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def _put_sync(self, key: str, data: bytes) -> ObjectInfo:
+        if len(data) > PUT_BLOB_MAX:
+            raise BackendError(f"put {key!r}: {len(data)} bytes is more than one request carries; "
+                               "upload it in blocks")
+        resp = self._run(f"put {key!r}", self.container.get_blob_client(key).upload_blob, data,
+                         length=len(data), overwrite=True, validate_content=True, max_concurrency=1)
+        return ObjectInfo(key, len(data), str(resp["etag"]).strip('"'), resp["last_modified"].timestamp())
+
+    def _start_upload_sync(self, key: str) -> str:
+        return uuid.uuid4().hex
+
+    def _upload_part_sync(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        if not _UPLOAD_ID.match(upload_id):
+            raise NotFound(f"upload part {number} of {key!r}: no such upload")
+        block = block_id(upload_id, number)
+        self._run(f"upload part {number} of {key!r}", self.container.get_blob_client(key).stage_block,
+                  block, data, length=len(data), validate_content=True)
+        return block
+
+    def _complete_upload_sync(self, key: str, upload_id: str, parts: list[tuple[int, str]],
+                              size: int) -> ObjectInfo:
+        # Committing the same list again (after a lost answer) is fine: a block id is looked
+        # for among the uncommitted blocks, then among the committed ones.
+        resp = self._run(f"complete upload of {key!r}", self.container.get_blob_client(key).commit_block_list,
+                         [BlobBlock(block_id=token) for _, token in parts])
+        return ObjectInfo(key, size, str(resp["etag"]).strip('"'), resp["last_modified"].timestamp())
+
+    def _abort_upload_sync(self, key: str, upload_id: str) -> None:
+        pass  # nothing to delete: see the module docstring
+
+    async def start_upload(self, key: str) -> str:
+        return self._start_upload_sync(key)  # no request: not counted as one, nothing to retry
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        self._abort_upload_sync(key, upload_id)
+
+    def _delete_sync(self, key: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._run(f"delete {key!r}", self.container.get_blob_client(key).delete_blob)
+
+    def _copy_sync(self, src: str, dst: str, size: int) -> ObjectInfo:
+        what = f"copy {src!r} to {dst!r}"
+        # The source's URL carries the SAS when that is the credential; it goes to the store
+        # only, never into a message.
+        source = self.container.get_blob_client(src).url
+        dest = self.container.get_blob_client(dst)
+        started = self._run(what, dest.start_copy_from_url, source)
+        copy_id = started.get("copy_id")
+        deadline = time.monotonic() + self.timeout
+        delay = COPY_POLL_FIRST
+        while True:
+            props = self._run(what, dest.get_blob_properties)
+            status = props.copy.status
+            if copy_id and props.copy.id and props.copy.id != copy_id:
+                raise ObjectChanged(f"{what}: {dst!r} was replaced while it was copied")
+            if status in (None, "success"):
+                return ObjectInfo(dst, int(props.size), str(props.etag).strip('"'),
+                                  props.last_modified.timestamp())
+            if status in ("failed", "aborted"):
+                raise BackendError(f"{what}: the copy {status}")
+            if time.monotonic() + delay > deadline:
+                try:
+                    self._run(what, dest.abort_copy, copy_id)
+                except BackendError as exc:
+                    log.debug("%s: abort of the unfinished copy failed: %s", what, exc)
+                raise TemporaryFailure(f"{what}: not finished within {self.timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 2, COPY_POLL_MAX)
 
     def _close_sync(self) -> None:
         self.service.close()

@@ -1,9 +1,21 @@
-"""The backend interface: list a prefix, head, ranged get pinned to an ETag.
+"""The backend interface: list a prefix, head, ranged get pinned to an ETag; and the write half:
+put, multipart (block) uploads, delete, server-side copy.
 
 Subclasses implement blocking ``_*_sync`` methods with their SDK and ``translate`` for its
 exceptions. This base class runs them in worker threads under one ``CapacityLimiter`` (so the
 trio thread never blocks on the network), retries temporary failures with ``retry.retrying``,
 and records metrics. Subclasses raise only ``errors`` exceptions.
+
+Invariants of the write half, on every backend:
+
+- every ``_*_sync`` write may be run again after an attempt whose answer was lost (that is what
+  a retry does): put, upload_part, copy and delete are idempotent, complete_upload recognises an
+  upload it already completed, abort_upload and delete treat "not there" as done;
+- an object is never visible half-written: put, complete_upload and copy replace it atomically;
+- the ETag a write returns is the one ``list_page`` and ``head`` report for that version (the
+  daemon keys cached data by it), and a later ``get_range`` returns exactly the bytes written;
+- a key ending in "/" is a directory marker: an empty object on S3 and Azure, a directory on
+  the local backend (which lists directories as prefixes, never as objects).
 """
 
 from __future__ import annotations
@@ -44,6 +56,8 @@ class Backend(abc.ABC):
 
     #: Page size asked of the store; S3 and Azure both cap at 1000 (Azure 5000).
     page_size = 1000
+    #: The smallest part ``upload_part`` accepts, but for the last one (S3: 5 MiB).
+    min_part_size = 1
 
     def __init__(self, source: Source, *, timeout: float, max_connections: int) -> None:
         self.source = source
@@ -68,6 +82,36 @@ class Backend(abc.ABC):
     def _get_sync(self, key: str, start: int, length: int, etag: str | None) -> bytes:
         """Return exactly ``length`` bytes from ``start`` (or fewer only at the object's end),
         raising ObjectChanged if the object's ETag is no longer ``etag``."""
+
+    @abc.abstractmethod
+    def _put_sync(self, key: str, data: bytes) -> ObjectInfo:
+        """Create or replace ``key`` with ``data`` in one request."""
+
+    @abc.abstractmethod
+    def _start_upload_sync(self, key: str) -> str:
+        """Begin a multipart upload to ``key``; its upload id."""
+
+    @abc.abstractmethod
+    def _upload_part_sync(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        """Upload part ``number`` (1-based; again: the last one wins); the part's token."""
+
+    @abc.abstractmethod
+    def _complete_upload_sync(self, key: str, upload_id: str, parts: list[tuple[int, str]],
+                              size: int) -> ObjectInfo:
+        """Make ``key`` the concatenation of ``parts`` ((number, token) in order), ``size``
+        bytes; also when an earlier attempt did so and its answer was lost."""
+
+    @abc.abstractmethod
+    def _abort_upload_sync(self, key: str, upload_id: str) -> None:
+        """Drop an upload's parts; an unknown upload is not an error."""
+
+    @abc.abstractmethod
+    def _delete_sync(self, key: str) -> None:
+        """Delete ``key``; a missing key is not an error."""
+
+    @abc.abstractmethod
+    def _copy_sync(self, src: str, dst: str, size: int) -> ObjectInfo:
+        """Copy ``src`` (``size`` bytes) to ``dst`` inside the store, replacing ``dst``."""
 
     def _close_sync(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -126,6 +170,45 @@ class Backend(abc.ABC):
             # A body cut short by the network; never hand it on as if it were the object.
             raise TemporaryFailure(f"short read of {key!r}: {len(data)} of {length} bytes")
         return data
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def put(self, key: str, data: bytes) -> ObjectInfo:
+        """Create or replace ``key`` in one request (``key`` ending in "/" with b"": a marker)."""
+        return await self._call("put", lambda: self._put_sync(key, data))
+
+    async def start_upload(self, key: str) -> str:
+        """Begin a multipart upload; its id for the calls below."""
+        return await self._call("put", lambda: self._start_upload_sync(key))
+
+    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        """Upload part ``number`` (1-based; each but the last at least ``min_part_size``
+        bytes). Uploading a number again replaces that part. Returns the token
+        ``complete_upload`` wants for it."""
+        if number < 1:
+            raise ValueError(f"part numbers start at 1, not {number}")
+        return await self._call("put", lambda: self._upload_part_sync(key, upload_id, number, data))
+
+    async def complete_upload(self, key: str, upload_id: str, parts: list[tuple[int, str]],
+                              size: int) -> ObjectInfo:
+        """Publish the upload: ``key`` becomes the ``parts`` ((number, token), in order),
+        ``size`` bytes in all, at once."""
+        parts = list(parts)
+        return await self._call("put", lambda: self._complete_upload_sync(key, upload_id, parts, size))
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        """Drop an upload's parts (best effort; an upload already gone is fine)."""
+        await self._call("put", lambda: self._abort_upload_sync(key, upload_id))
+
+    async def delete(self, key: str) -> None:
+        """Delete ``key`` (a marker when it ends in "/"); a missing key is not an error."""
+        await self._call("delete", lambda: self._delete_sync(key))
+
+    async def copy(self, src: str, dst: str, size: int) -> ObjectInfo:
+        """Copy ``src`` (``size`` bytes) to ``dst`` inside the store, replacing ``dst``."""
+        if src == dst:  # S3 refuses a copy onto itself that changes nothing
+            return await self.head(dst)
+        return await self._call("copy", lambda: self._copy_sync(src, dst, size))
 
     async def aclose(self) -> None:
         await trio.to_thread.run_sync(self._close_sync)

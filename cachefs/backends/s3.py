@@ -9,17 +9,30 @@ switches the GETs back to boto3 (for comparison, or a store obstore cannot talk 
 
 No SDK retries its own requests (``retry.py`` owns retries), and path-style addressing is used
 with a custom endpoint, which IBM COS, MinIO and SeaweedFS expect.
+
+Writes go through boto3: PutObject and multipart uploads (each body sent with its Content-MD5,
+so the store refuses one damaged on the way), CopyObject up to ``MAX_SINGLE_COPY`` and a
+multipart copy (UploadPartCopy in ranges, each range its own retried request) above it. A
+CompleteMultipartUpload retried after its answer was lost finds the upload gone (NoSuchUpload)
+and accepts the object it finds in its place if that is the upload's result.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import email.utils
+import hashlib
 import logging
 import os
+import re
+import time
 from datetime import timedelta
 from typing import Any
 
 import boto3
 import botocore.exceptions
+import trio
 from botocore.config import Config
 
 from ..errors import AccessDenied, BackendError, NotFound, ObjectChanged, TemporaryFailure, Unreachable
@@ -35,9 +48,62 @@ _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
            "AccountProblem", "InvalidToken", "ExpiredToken"}
 _CHANGED = {"412", "PreconditionFailed"}
+# Requests the store refused for what they are, not for the moment they were sent: retrying
+# the same request cannot help.
+_PERMANENT = {"InvalidPart", "InvalidPartOrder", "EntityTooSmall", "EntityTooLarge", "InvalidRequest",
+              "InvalidArgument", "KeyTooLongError", "MalformedXML", "InvalidStorageClass"}
+
+MIN_PART_SIZE = 5 << 20  # S3 refuses smaller parts but for the last one (EntityTooSmall)
+MAX_PARTS = 10_000  # parts per multipart upload
+MAX_SINGLE_COPY = 5 << 30  # CopyObject copies at most 5 GiB; a larger object is copied in parts
+# Ranges of a multipart copy: each is one server-side request (tens of seconds on AWS at most,
+# under the backend timeout); COPY_CONCURRENCY of them run at once.
+COPY_PART_SIZE = 256 << 20
+COPY_CONCURRENCY = 8
+# An abort after a failed multipart copy gets this long, even when the caller was cancelled.
+ABORT_GRACE = 5.0
+_MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-(\d+)$")
+_MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _md5(data: bytes) -> str:
+    """Content-MD5 of a body: the store checks it and refuses a body damaged on the way."""
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+
+def _etag(value: str) -> str:
+    return value.strip('"')
+
+
+def _date(resp: dict[str, Any]) -> float:
+    """The store's clock when it answered (its Date header), for writes whose answer carries no
+    LastModified; this host's clock if there is none."""
+    date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return email.utils.parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError):
+        return time.time()
+
+
+def _code(exc: Exception) -> str:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def multipart_etag(tokens: list[str]) -> str | None:
+    """The ETag S3 gives the result of a multipart upload of parts with these ETags (MD5 of
+    their MD5s, "-" their count), or None when a part's ETag is not an MD5 (e.g. SSE-KMS)."""
+    digests = [_etag(t) for t in tokens]
+    if not all(_MD5_HEX.match(d) for d in digests):
+        return None
+    joined = b"".join(bytes.fromhex(d) for d in digests)
+    return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
 class S3Backend(Backend):
+    min_part_size = MIN_PART_SIZE
+
     def __init__(self, source: Source, *, endpoint_url: str | None, region: str | None,
                  profile: str | None, timeout: float, max_connections: int) -> None:
         super().__init__(source, timeout=timeout, max_connections=max_connections)
@@ -96,6 +162,8 @@ class S3Backend(Backend):
                 return AccessDenied(f"{what}: access denied ({code or status})")
             if code in _CHANGED or status == "412":
                 return ObjectChanged(f"{what}: object changed")
+            if code in _PERMANENT:
+                return BackendError(f"{what}: refused by the store ({code})")
             return TemporaryFailure(f"{what}: {code or status or 'error'}")
         if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
             return AccessDenied(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/"
@@ -184,6 +252,113 @@ class S3Backend(Backend):
             return None  # "Could not parse path": not a network error, nothing to retry
         except Exception as exc:  # connection errors, 5xx, throttling, bodies cut short
             raise TemporaryFailure(f"get {key!r}: {type(exc).__name__}") from exc
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def _put_sync(self, key: str, data: bytes) -> ObjectInfo:
+        resp = self._run(f"put {key!r}", self.client.put_object, Bucket=self.source.bucket, Key=key,
+                         Body=data, ContentMD5=_md5(data))
+        return ObjectInfo(key, len(data), _etag(resp["ETag"]), _date(resp))
+
+    def _start_upload_sync(self, key: str) -> str:
+        resp = self._run(f"start upload of {key!r}", self.client.create_multipart_upload,
+                         Bucket=self.source.bucket, Key=key)
+        return str(resp["UploadId"])
+
+    def _upload_part_sync(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        resp = self._run(f"upload part {number} of {key!r}", self.client.upload_part,
+                         Bucket=self.source.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                         Body=data, ContentMD5=_md5(data))
+        return str(resp["ETag"])
+
+    def _complete_upload_sync(self, key: str, upload_id: str, parts: list[tuple[int, str]],
+                              size: int) -> ObjectInfo:
+        what = f"complete upload of {key!r}"
+        try:
+            resp = self.client.complete_multipart_upload(
+                Bucket=self.source.bucket, Key=key, UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": token} for n, token in parts]})
+        except Exception as exc:
+            if _code(exc) != "NoSuchUpload":
+                raise self.translate(exc, what) from exc
+            return self._completed_before(key, parts, size, what, exc)
+        return ObjectInfo(key, size, _etag(resp["ETag"]), _date(resp))
+
+    def _completed_before(self, key: str, parts: list[tuple[int, str]], size: int, what: str,
+                          exc: Exception) -> ObjectInfo:
+        """The upload is gone: completed by an attempt whose answer was lost, or aborted. The
+        object at ``key`` is its result if it has the size (and, where S3's rule for multipart
+        ETags applies to both, the ETag) the upload makes."""
+        try:
+            info = self._head_sync(key)
+        except NotFound:
+            raise BackendError(f"{what}: no such upload") from exc
+        expected = multipart_etag([token for _, token in parts])
+        if info.size != size or (expected and _MULTIPART_ETAG.match(info.etag) and info.etag != expected):
+            raise BackendError(f"{what}: no such upload, and {key!r} is not its result") from exc
+        log.info("%s: already completed (an earlier answer was lost)", what)
+        return info
+
+    def _abort_upload_sync(self, key: str, upload_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._run(f"abort upload of {key!r}", self.client.abort_multipart_upload,
+                      Bucket=self.source.bucket, Key=key, UploadId=upload_id)
+
+    def _delete_sync(self, key: str) -> None:
+        with contextlib.suppress(NotFound):  # S3 answers 204 anyway; some compatible stores 404
+            self._run(f"delete {key!r}", self.client.delete_object, Bucket=self.source.bucket, Key=key)
+
+    def _copy_sync(self, src: str, dst: str, size: int) -> ObjectInfo:
+        resp = self._run(f"copy {src!r} to {dst!r}", self.client.copy_object, Bucket=self.source.bucket,
+                         Key=dst, CopySource={"Bucket": self.source.bucket, "Key": src})
+        result = resp["CopyObjectResult"]
+        return ObjectInfo(dst, size, _etag(result["ETag"]), result["LastModified"].timestamp())
+
+    def _copy_part_sync(self, src: str, dst: str, upload_id: str, number: int, start: int,
+                        length: int) -> str:
+        resp = self._run(f"copy part {number} of {src!r} to {dst!r}", self.client.upload_part_copy,
+                         Bucket=self.source.bucket, Key=dst, UploadId=upload_id, PartNumber=number,
+                         CopySource={"Bucket": self.source.bucket, "Key": src},
+                         CopySourceRange=f"bytes={start}-{start + length - 1}")
+        return str(resp["CopyPartResult"]["ETag"])
+
+    async def copy(self, src: str, dst: str, size: int) -> ObjectInfo:
+        if size <= MAX_SINGLE_COPY or src == dst:
+            return await super().copy(src, dst, size)
+        # Too large for CopyObject: a multipart upload of ranges of src, each range one request
+        # with its own retries and deadline.
+        part_size = max(COPY_PART_SIZE, -(-size // MAX_PARTS))
+        ranges = [(i + 1, start, min(part_size, size - start))
+                  for i, start in enumerate(range(0, size, part_size))]
+        upload_id = await self._call("copy", lambda: self._start_upload_sync(dst))
+        tokens: dict[int, str] = {}
+        failed: list[BackendError] = []
+        limiter = trio.CapacityLimiter(COPY_CONCURRENCY)
+
+        async def copy_part(number: int, start: int, length: int) -> None:
+            async with limiter:
+                try:
+                    tokens[number] = await self._call(
+                        "copy", lambda: self._copy_part_sync(src, dst, upload_id, number, start, length))
+                except BackendError as exc:
+                    failed.append(exc)
+                    nursery.cancel_scope.cancel()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for number, start, length in ranges:
+                    nursery.start_soon(copy_part, number, start, length)
+            if failed:
+                raise failed[0]
+            parts = sorted(tokens.items())
+            return await self._call("copy", lambda: self._complete_upload_sync(dst, upload_id, parts, size))
+        except BaseException:
+            with trio.move_on_after(ABORT_GRACE, shield=True):
+                try:
+                    await self._call("copy", lambda: self._abort_upload_sync(dst, upload_id))
+                except BackendError as exc:
+                    log.warning("copy %r to %r: the failed upload was not aborted: %s", src, dst, exc)
+            raise
 
     def _close_sync(self) -> None:
         self.client.close()
