@@ -260,16 +260,18 @@ class Writer:
             self._touch(st, min(old, size), max(old, size))
 
     def _upload_behind(self, st: Staged, offset: int) -> None:
-        """Start background uploads of whole parts that the writer has moved past."""
-        if self.nursery is None or st.size <= PART_SIZE:
+        """Start the background upload of the part a sequential writer has just moved past
+        (a write at ``offset`` starts the part after it). Parts written out of order are left
+        to the commit: they may well be written again."""
+        part = offset // PART_SIZE - 1
+        if self.nursery is None or part < 0 or part in st.inflight or st.deleted:
             return
-        for part in range(offset // PART_SIZE):
-            gen = st.part_gen.get(part)
-            done = st.parts.get(part)
-            if gen is None or part in st.inflight or (done is not None and done[0] == gen):
-                continue
-            st.inflight[part] = trio.Event()
-            self.nursery.start_soon(self._background_part, st, part)
+        gen = st.part_gen.get(part)
+        done = st.parts.get(part)
+        if gen is None or (done is not None and done[0] == gen):
+            return
+        st.inflight[part] = trio.Event()
+        self.nursery.start_soon(self._background_part, st, part)
 
     async def _background_part(self, st: Staged, part: int) -> None:
         try:

@@ -472,7 +472,10 @@ class CoreFS:
                 async def move(key: str, size: int) -> None:
                     async with limiter:
                         dst = new + key[len(old):]
-                        copies[dst[len(prefix):]] = await writer.copy(key, dst, size)
+                        if key.endswith("/"):  # a directory marker: some stores cannot copy one
+                            await writer.put_marker(dst)
+                        else:
+                            copies[dst[len(prefix):]] = await writer.copy(key, dst, size)
 
                 async with trio.open_nursery() as nursery:
                     for key, size in keys:
