@@ -149,7 +149,8 @@ class Writer:
     # -- opening ----------------------------------------------------------------------------
 
     def create(self, rec: Record) -> Staged:
-        """A new empty file, open for writing: it is uploaded (empty or not) at its close."""
+        """A new empty file (its record is local), open for writing: it is uploaded (empty or
+        not) at its close."""
         st = self._new(rec.ino, 0)
         st.fd = os.open(st.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         st.dirty = True
@@ -198,7 +199,6 @@ class Writer:
             raise
         st.fd = fd
         st.size = rec.size
-        self.meta.journal_put(rec.ino)
 
     async def _pwrite(self, fd: int, data: bytes, offset: int) -> None:
         def write() -> None:
@@ -234,9 +234,14 @@ class Writer:
         return len(data)
 
     def _touch(self, st: Staged, start: int, end: int) -> None:
-        """Mark the parts of [start, end) written (a new generation)."""
+        """Mark the parts of [start, end) written (a new generation). The first change after
+        an upload journals the file and makes its record local, so that no listing replaces
+        or removes it before its upload."""
         st.gen += 1
-        st.dirty = True
+        if not st.dirty:
+            self.meta.journal_put(st.ino, st.upload_id or "")
+            self.meta.set_file(st.ino, size=st.size, local=True)
+            st.dirty = True
         for part in range(start // PART_SIZE, max(start, end - 1) // PART_SIZE + 1):
             st.part_gen[part] = st.gen
 
@@ -247,7 +252,6 @@ class Writer:
             if not st.materialized and size == 0:
                 st.fd = os.open(st.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
                 st.size = 0
-                self.meta.journal_put(rec.ino)
             else:
                 await self._materialize(st, rec)
             if size > st.reserved:
