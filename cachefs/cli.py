@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -23,7 +24,8 @@ from .errors import CachefsError, MountError, UsageError, redact
 
 log = logging.getLogger("cachefs")
 
-UNMOUNT_WAIT = 30.0  # seconds to wait for a daemon to finish after its mount is gone
+UNMOUNT_WAIT = 90.0  # seconds to wait for a daemon to finish after its mount is gone (it may
+#                      upload closed files for up to mount.SHUTDOWN_UPLOAD_DEADLINE first)
 
 
 def _fail(exc: CachefsError | str, code: int | None = None) -> int:
@@ -136,20 +138,41 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         return 0
     if not os.path.ismount(path):
         return _fail(MountError(f"{path} is not mounted"))
-    pid = None
+    status: dict[str, Any] = {}
     with contextlib.suppress(CachefsError):
-        pid = control.request(path, {"cmd": "status"}, timeout=5).get("pid")
+        status = control.request(path, {"cmd": "status"}, timeout=5)
     if not fuse_unmount(path):
         return _fail(MountError(f"cannot unmount {path} (busy? try: fuser -m {path})"))
-    if isinstance(pid, int):
+    pid, ns_dir = status.get("pid"), status.get("cache", {}).get("dir")
+    if isinstance(pid, int) and isinstance(ns_dir, str):
+        # The daemon may still upload files closed just before (read-write mounts): wait until
+        # it lets go of its cache namespace, or is gone (a zombie its parent has not reaped
+        # counts as gone).
         deadline = time.monotonic() + UNMOUNT_WAIT
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
+        while time.monotonic() < deadline and _daemon_holds(pid, ns_dir):
             time.sleep(0.05)
     return 0
+
+
+def _daemon_holds(pid: int, ns_dir: str) -> bool:
+    """Whether daemon ``pid`` still runs and holds the lock of its cache namespace."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] in ("Z", "X"):
+                return False
+    except OSError:
+        return False
+    try:
+        fd = os.open(os.path.join(ns_dir, "lock"), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 # -- prefetch and status ----------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import signal
@@ -53,10 +52,15 @@ SHUTDOWN_UPLOAD_DEADLINE = 60.0  # seconds an unmount waits for uploads of close
 
 
 def is_stale(path: str) -> bool:
-    try:
-        os.stat(path)
-    except OSError as exc:
-        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    """Whether ``path`` is a FUSE mount whose daemon is gone. ``stat`` alone is not enough: the
+    kernel answers it from its attribute cache for a day after any ``ls`` of the mountpoint;
+    ``statvfs`` always reaches the daemon."""
+    for probe in (os.stat, os.statvfs):
+        try:
+            probe(path)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+                return True
     return False
 
 
@@ -117,11 +121,13 @@ def lock_namespace(ns_dir: str) -> int:
 
 
 def control_socket_path(ns_dir: str) -> str:
+    """The control socket: in the namespace, or, when that path is too long for a socket name,
+    in a fresh private directory (0700, unpredictable name) under the temporary directory.
+    Clients find it through the mount's ``user.cachefs.control`` attribute."""
     path = os.path.join(ns_dir, "control.sock")
     if len(path.encode()) < 100:  # sun_path holds 108 bytes
         return path
-    digest = hashlib.sha256(ns_dir.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"cachefs-{digest}.sock")
+    return os.path.join(tempfile.mkdtemp(prefix="cachefs-"), "control.sock")
 
 
 class Daemon:
@@ -238,6 +244,9 @@ class Daemon:
                 cache.flush_atimes()
             pyfuse3.close(unmount=True)
             meta.close()
+            if not sock_path.startswith(ns_dir):
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(sock_path))
             with contextlib.suppress(Exception):
                 await backend.aclose()
             log.info("unmounted %s", cfg.mountpoint)

@@ -14,6 +14,7 @@ handle is always 0: reads could not be served, so it is not used.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -35,6 +36,24 @@ CONTROL_XATTR = b"user.cachefs.control"
 BLKSIZE = 128 * 1024  # what stat reports as the preferred I/O size: one FUSE read request
 READDIR_BATCH = 64  # entries decoded per step; one kernel readdir buffer (4 KiB) holds ~25-30
 STATFS_BLOCK = 4096
+DIR_OFFSETS_KEPT = 4096  # readdir offsets remembered per open directory (~100 kernel buffers)
+
+
+class DirStream:
+    """An open directory: the names behind the most recent readdir offsets (bounded: the kernel
+    resumes from the last entry it accepted, so old offsets are not asked for again)."""
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+        self.names: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._next = 2
+
+    def remember(self, name: bytes) -> int:
+        self._next += 1
+        self.names[self._next] = name
+        if len(self.names) > DIR_OFFSETS_KEPT:
+            self.names.popitem(last=False)
+        return self._next
 
 
 class CachefsOperations(pyfuse3.Operations):
@@ -46,6 +65,8 @@ class CachefsOperations(pyfuse3.Operations):
         super().__init__()
         self.core = core
         self.control_path = control_path.encode()
+        self._dirs: dict[int, DirStream] = {}
+        self._next_dir = 0
 
     @contextlib.asynccontextmanager
     async def _op(self, name: str) -> AsyncIterator[None]:
@@ -112,30 +133,47 @@ class CachefsOperations(pyfuse3.Operations):
         async with self._op("opendir"):
             if not self.core.record(inode).is_dir:
                 raise FsError(errno.ENOTDIR)
-            return FileHandleT(inode)
+            self._next_dir += 1
+            self._dirs[self._next_dir] = DirStream(inode)
+            return FileHandleT(self._next_dir)
         raise AssertionError("unreachable")
 
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # start_id is the inode of the last entry already returned (0 at the start); entries are
-        # in name order, so the listing resumes after that entry's name.
+        # Offsets: 0 the start, 1 after ".", 2 after "..", then one per entry, mapped to the
+        # entry's name; entries are in name order, so a listing resumes after that name even if
+        # the entry itself was removed meanwhile (by a relist or an unlink).
         async with self._op("readdir"):
-            after = None
-            if start_id:
-                prev = self.core.meta.get(start_id)
-                if prev is None:
-                    return  # the entry vanished between two calls; end this listing
-                after = os.fsencode(prev.rel.rstrip("/").rpartition("/")[2])
+            stream = self._dirs.get(fh)
+            if stream is None:
+                raise FsError(errno.EBADF)
+            rec = self.core.record(stream.ino)
+            if start_id == 0:
+                if not pyfuse3.readdir_reply(token, b".", self._attr(rec), 1):
+                    return
+                start_id = 1
+            if start_id == 1:
+                parent = self.core.record(rec.parent)
+                if not pyfuse3.readdir_reply(token, b"..", self._attr(parent), 2):
+                    return
+                start_id = 2
+            if start_id == 2:
+                after = None
+            else:
+                after = stream.names.get(start_id)
+                if after is None:
+                    raise FsError(errno.EINVAL, "readdir offset no longer known (seekdir too far back?)")
             while True:
-                batch = await self.core.readdir(fh, after, READDIR_BATCH)
+                batch = await self.core.readdir(stream.ino, after, READDIR_BATCH)
                 if not batch:
                     return
-                for name, rec in batch:
-                    if not pyfuse3.readdir_reply(token, name, self._attr(rec), rec.ino):
+                for name, child in batch:
+                    offset = stream.remember(name)
+                    if not pyfuse3.readdir_reply(token, name, self._attr(child), offset):
                         return
                 after = batch[-1][0]
 
     async def releasedir(self, fh: FileHandleT) -> None:
-        return None
+        self._dirs.pop(fh, None)
 
     async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
         async with self._op("open"):
