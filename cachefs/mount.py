@@ -224,6 +224,7 @@ class Daemon:
                 server = http.start(cfg.metrics_addr, probe.healthy, self._is_ready(prefetcher))
             async with trio.open_nursery() as nursery:
                 layers.reader.nursery = nursery
+                layers.lister.nursery = nursery
                 nursery.start_soon(self._fuse_main, nursery)
                 nursery.start_soon(self._signals, nursery)
                 await nursery.start(control.serve, sock_path, self._control_handler(core, prefetcher))

@@ -164,8 +164,11 @@ class CoreFS:
     async def lookup(self, parent: int, name: bytes) -> Record:
         if name.startswith(b".cachefs-health"):
             raise FsError(errno.ENOENT)  # health probe: answered without touching the bucket
-        await self.listed(parent)
-        rec = self.meta.lookup(parent, name)
+        prec = self.record(parent)
+        if not prec.is_dir:
+            raise FsError(errno.ENOTDIR)
+        with _errors():
+            rec = await self.lister.lookup(prec, name)
         if rec is None:
             raise FsError(errno.ENOENT)
         return self.current(rec)

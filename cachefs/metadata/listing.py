@@ -6,6 +6,10 @@ a fresh directory or a refreshed file record; neither calls the backend to list 
 Concurrency protocol:
 - Listing a directory is single-flight per directory inode: a second lookup/readdir of a
   directory being listed waits for the first listing instead of starting another.
+- A stale directory is served from LMDB while it is listed again in the background; a lookup
+  in a directory never listed is answered by one listing page that starts at the name. Only
+  a directory never listed makes ``readdir`` wait for its listing.
+- A relist writes only what changed (``merge``), page by page, each page one transaction.
 - Files written through this mount and not yet uploaded are "local" (``Record.local``): a
   listing never overwrites or removes them (see ``MetadataStore.ingest``/``finish_listing``).
 - Whoever learns that files changed or vanished (a relist, a HEAD after a failed If-Match) calls
@@ -22,12 +26,15 @@ import trio
 
 from .. import metrics
 from ..backends import Backend
-from ..errors import NotFound
+from ..errors import BackendError, NotFound
+from .merge import Merge
+from .names import decode_name
 from .store import ROOT_INODE, MetadataStore, Record, WriteError
 
 log = logging.getLogger(__name__)
 
-LIST_CONCURRENCY = 32  # directories listed at once by the start-up walk
+LIST_CONCURRENCY = 32  # directories listed at once (the start-up walk, background relists)
+CHECKPOINT_EVERY = 1000  # entries walked between two yields to the event loop
 
 
 class Lister:
@@ -37,6 +44,9 @@ class Lister:
         self.prefix = backend.source.prefix
         self.ttl = metadata_ttl
         self._listing: dict[int, trio.Event] = {}
+        self._limiter = trio.CapacityLimiter(LIST_CONCURRENCY)
+        self.nursery: trio.Nursery | None = None  # set by the daemon: background relists run here
+        self.writes = 0  # records written by listings (unchanged entries cost none)
         self.listed_once = trio.Event()
         #: called with inodes whose data changed or that are gone: drop cached data and pages
         self.on_stale: Callable[[list[int]], None] = lambda inos: None
@@ -50,50 +60,99 @@ class Lister:
     def fresh(self, rec: Record) -> bool:
         return rec.listed_at > 0 and self.ttl > 0 and time.time() - rec.listed_at < self.ttl
 
-    async def ensure_listed(self, rec: Record) -> Record:
-        """The directory record, after a complete listing if its listing is missing or stale.
-        Raises NotFound if the directory vanished meanwhile."""
+    async def ensure_listed(self, rec: Record, *, complete: bool = False) -> Record:
+        """The directory record, listed. A directory never listed (or any, with ``complete``
+        or a TTL of 0) is listed completely first; a stale one is served from LMDB at once
+        while it is listed again in the background (stale-while-revalidate), and keeps its
+        old listing if that relist fails. Raises NotFound if the directory vanished."""
         if self.fresh(rec):
+            return rec
+        if rec.listed_at > 0 and self.ttl > 0 and not complete and self.nursery is not None:
+            self._background(rec)
             return rec
         pending = self._listing.get(rec.ino)
         if pending is not None:
             await pending.wait()
         else:
-            self._listing[rec.ino] = ev = trio.Event()
-            try:
-                await self._list_dir(rec)
-            except WriteError as exc:
-                # The cache dir's disk is full: serve the listing we have; try again next time.
-                self.on_write_error(exc)
-            finally:
-                del self._listing[rec.ino]
-                ev.set()
+            await self._list_once(rec, self._start(rec), background=False)
         new = self.meta.get(rec.ino)
         if new is None:
             raise NotFound(f"{rec.rel!r} is gone")
         return new
 
-    async def _list_dir(self, rec: Record) -> None:
-        started = time.time()
-        prefix = self.prefix + rec.rel
-        token: str | None = None
+    async def lookup(self, parent: Record, name: bytes) -> Record | None:
+        """The entry ``name`` of directory ``parent``, or None. In a directory never listed,
+        the answer does not wait for the whole listing (minutes for a million entries): one
+        listing page that starts at the name answers it, while the full listing runs in the
+        background."""
+        if parent.listed_at == 0 and self.nursery is not None:
+            rec = self.meta.lookup(parent.ino, name)
+            if rec is None:
+                await self._probe(parent, name)
+                rec = self.meta.lookup(parent.ino, name)
+            self._background(parent)
+            return rec
+        await self.ensure_listed(parent)
+        return self.meta.lookup(parent.ino, name)
+
+    async def _probe(self, parent: Record, name: bytes) -> None:
+        """Ingest the first listing page of keys that start with ``parent``/``name``."""
+        seen = time.time()
+        prefix = self.prefix + parent.rel + decode_name(name)
+        page = await self.backend.list_page(prefix, "/", None)
         cut = len(self.prefix)
+        result = self.meta.ingest(((o.key[cut:], o.size, o.etag, o.mtime) for o in page.objects),
+                                  (p[cut:] for p in page.prefixes), seen)
+        if result.changed:
+            self.on_stale(result.changed)
+
+    def _start(self, rec: Record) -> trio.Event:
+        ev = self._listing[rec.ino] = trio.Event()
+        return ev
+
+    def _background(self, rec: Record) -> None:
+        if rec.ino not in self._listing:
+            assert self.nursery is not None
+            self.nursery.start_soon(self._list_once, rec, self._start(rec), True)
+
+    async def _list_once(self, rec: Record, done: trio.Event, background: bool) -> None:
+        try:
+            async with self._limiter:
+                await self._list_dir(rec)
+        except WriteError as exc:
+            # The cache dir's disk is full: serve the listing we have; try again next time.
+            self.on_write_error(exc)
+        except BackendError as exc:
+            if not background and rec.listed_at == 0:
+                raise  # nothing to serve instead
+            log.warning("listing %r failed; serving the previous listing: %s", rec.rel or "/", exc)
+        finally:
+            del self._listing[rec.ino]
+            done.set()
+
+    async def _list_dir(self, rec: Record) -> None:
+        """List one directory completely and merge it into LMDB (only changes are written)."""
+        merge = Merge(self.meta, rec, time.time())
+        prefix = self.prefix + rec.rel
+        cut = len(prefix)
+        token: str | None = None
         while True:
             try:
                 page = await self.backend.list_page(prefix, "/", token)
             except NotFound:
                 break
-            result = self.meta.ingest(
-                ((o.key[cut:], o.size, o.etag, o.mtime) for o in page.objects),
-                (p[cut:] for p in page.prefixes), started)
-            if result.changed:
-                self.on_stale(result.changed)
+            merge.page([(o.key[cut:], o.size, o.etag, o.mtime) for o in page.objects],
+                       [p[cut:] for p in page.prefixes])
+            if merge.changed or merge.removed:
+                self.on_stale(merge.changed + merge.removed)
             token = page.token
             if token is None:
                 break
-        removed = self.meta.finish_listing(rec.ino, started, recursive=False)
-        if removed:
-            self.on_stale(removed)
+        for removed in merge.finish():
+            if removed:
+                self.on_stale(removed)
+            await trio.sleep(0)
+        self.writes += merge.writes
         files, size = self.meta.totals()
         metrics.listing_objects.set(files)
         metrics.listing_bytes.set(size)
@@ -112,10 +171,12 @@ class Lister:
                     rec = self.meta.get(ino)
                     if rec is not None and rec.is_dir:
                         rec = await self.ensure_listed(rec)
-                        for entry in self.meta.iter_children(ino):
+                        for i, entry in enumerate(self.meta.iter_children(ino)):
                             if entry.record.is_dir:
                                 outstanding += 1
                                 send.send_nowait(entry.record.ino)
+                            if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
+                                await trio.sleep(0)  # a flat directory of millions: let FUSE in
                 except Exception as exc:
                     log.warning("listing failed: %s", exc)
                 outstanding -= 1
