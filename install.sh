@@ -29,6 +29,7 @@ main() {
   if [ "$want_test" -eq 1 ]; then
     # Azurite runs on node; s3fs and rclone are the peers the benchmark compares against.
     apt_pkgs+=(nodejs s3fs rclone systemd)  # systemd: systemd-analyze verifies the unit file
+    apt_pkgs+=(rsync)  # tests/fuse/test_write.py: rsync -a into a read-write mount
     # Debian ships npm as its own package; NodeSource's nodejs bundles it and conflicts with it.
     command -v npm >/dev/null 2>&1 || apt_pkgs+=(npm)
   fi
