@@ -333,10 +333,12 @@ class DataCache:
         except WriteError as exc:
             self.index_write_failed(exc)
 
-    def drop_inodes(self, inos: list[int]) -> None:
-        """Forget every cached block of these files (deleted or changed in the bucket)."""
+    def drop_inodes(self, inos: list[int], keep: dict[int, str] | None = None) -> None:
+        """Forget every cached block of these files (deleted or changed in the bucket), except
+        the blocks of version ``keep[ino]`` where given."""
         if not inos:
             return
+        kept = {ino: etag_hash(etag) for ino, etag in (keep or {}).items()}
         victims: list[tuple[bytes, int, int, int]] = []
         with self.meta.env.begin(write=True) as txn:
             cur = txn.cursor(db=self.meta.blocks)
@@ -348,7 +350,8 @@ class DataCache:
                     if not bytes(key).startswith(prefix):
                         break
                     etag_h, size, _ = unpack_block(bytes(val))
-                    victims.append((bytes(key), ino, etag_h, size))
+                    if kept.get(ino) != etag_h:
+                        victims.append((bytes(key), ino, etag_h, size))
             for key, *_ in victims:
                 txn.delete(key, db=self.meta.blocks)
         for key, ino, etag_h, size in victims:

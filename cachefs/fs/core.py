@@ -125,6 +125,7 @@ class CoreFS:
         self.handles: dict[int, Handle] = {}
         self._fh = 0
         self._namespace = trio.Lock()
+        self._pinned_stale: set[int] = set()  # changed files whose old data open handles read
         if writer is not None:
             writer.on_replaced = self._replaced
 
@@ -248,9 +249,28 @@ class CoreFS:
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
-        if handle is not None and handle.staged is not None and self.writer is not None:
+        if handle is None:
+            return
+        ino = handle.record.ino
+        if ino in self._pinned_stale and not any(h.record.ino == ino for h in self.handles.values()):
+            self._pinned_stale.discard(ino)
+            rec = self.meta.get(ino)
+            self.cache.drop_inodes([ino], keep={ino: rec.etag} if rec is not None else None)
+        if handle.staged is not None and self.writer is not None:
             with _errors():
                 await self.writer.release(handle.staged)
+
+    def stale(self, inos: list[int]) -> None:
+        """These files changed or vanished in the bucket: drop their cached data, except where
+        an open handle still reads the old version (it is dropped when the last one closes):
+        a file opened just before a relist noticed the change reads the old version whole
+        instead of failing with ESTALE."""
+        open_inos = {h.record.ino for h in self.handles.values()}
+        now = [ino for ino in inos if ino not in open_inos]
+        self._pinned_stale.update(ino for ino in inos if ino in open_inos)
+        self.cache.drop_inodes(now)
+        for ino in inos:
+            self.reader.forget(ino)
 
     def _replaced(self, ino: int) -> None:
         """This mount uploaded a new version of ``ino``: open handles read that one now."""

@@ -39,12 +39,7 @@ def build(meta: MetadataStore, cache: DataCache, backend: Backend, settings: Set
         writer = Writer(meta, cache, reader, backend, os.path.join(cache.root, "staging"),
                         writeback_interval=writeback_interval)
 
-    def stale(inos: list[int]) -> None:
-        cache.drop_inodes(inos)
-        for ino in inos:
-            reader.forget(ino)
-
-    lister.on_stale = stale
     lister.on_write_error = cache.index_write_failed
     core = CoreFS(lister, reader, writer, settings)
+    lister.on_stale = core.stale
     return Stack(core, lister, reader, writer, Prefetcher(lister, reader, prefetch_concurrency))
