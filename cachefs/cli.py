@@ -136,7 +136,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
             return _fail(MountError(f"{path}: could not clean up the stale mount"))
         print(f"cachefs: cleaned up stale mount {path}", file=sys.stderr)
         return 0
-    if not os.path.ismount(path):
+    if not _in_mount_table(path):
         return _fail(MountError(f"{path} is not mounted"))
     status: dict[str, Any] = {}
     with contextlib.suppress(CachefsError):
@@ -152,6 +152,17 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         while time.monotonic() < deadline and _daemon_holds(pid, ns_dir):
             time.sleep(0.05)
     return 0
+
+
+def _in_mount_table(path: str) -> bool:
+    """Whether ``path`` is a mountpoint (from the mount table: ``stat`` of a mount whose root
+    fails, e.g. with EIO, cannot tell)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            points = {line.split()[1].encode().decode("unicode_escape") for line in f if line.strip()}
+    except OSError:
+        return os.path.ismount(path)
+    return path in points
 
 
 def _daemon_holds(pid: int, ns_dir: str) -> bool:

@@ -3,10 +3,11 @@
 Order of events in ``run`` (all errors before the mount are one-line ``CachefsError``s):
 1. check the mountpoint (clean up a stale one) and the cache dir;
 2. lock the cache namespace (a second daemon on it is refused);
-3. open LMDB, reconcile it with the data files (``fsck``), build the backend and check the
-   bucket within a bounded time;
+3. open LMDB, build the backend and check the bucket within a bounded time;
 4. mount, tell the waiting parent (``ready``) and serve until SIGTERM/SIGINT or an external
-   unmount; then stop background work, unmount, and close LMDB.
+   unmount; then stop background work, unmount, and close LMDB. The data cache's evictor and
+   its check of the data files against the index (``DataCache.check``) run in the background:
+   start-up does not grow with the cache.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import lmdb
 import pyfuse3
 import trio
 
@@ -38,7 +40,7 @@ from .fs.adapter import CachefsOperations
 from .fs.core import CoreFS, Settings
 from .metadata import MetadataStore
 from .metadata.listing import Lister
-from .metadata.store import WriteError
+from .metadata.store import CORRUPTION, DAMAGED, WriteError
 from .source import parse_source
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ ATIME_FLUSH_INTERVAL = 10.0
 SYNC_INTERVAL = 30.0  # LMDB runs without fsync per commit; flush it this often
 ONDEMAND_CONNECTIONS = 64  # backend connections kept free of prefetch for readers
 FUSE_MAX_TASKS = 512  # concurrent FUSE requests in flight
+PRE_MOUNT_CHECK = 2.0  # seconds of index checking before the mount; the rest runs after it
 SHUTDOWN_UPLOAD_DEADLINE = 60.0  # seconds an unmount waits for uploads of closed files
 
 
@@ -167,21 +170,12 @@ class Daemon:
             raise BackendError(f"{self.source.url}: no answer within {CHECK_DEADLINE:.0f} s") from None
         backend.timeout = timeout
 
-        try:
-            meta = MetadataStore(os.path.join(ns_dir, "meta"))
-        except Exception as exc:  # lmdb.Error or a schema from another version
-            log.warning("cache metadata unusable (%s); starting a fresh namespace", exc)
-            _wipe(ns_dir)
-            meta = MetadataStore(os.path.join(ns_dir, "meta"))
+        meta, checked = await _open_index(ns_dir)
         cache = DataCache(ns_dir, meta, cfg.cache_size, cfg.cache_policy, cfg.cache_idle_evict)
-        dropped, removed, used = await trio.to_thread.run_sync(cache.fsck)
-        if dropped or removed:
-            log.warning("cache check repaired %d index entries without data and %d data files "
-                        "without entries", dropped, removed)
         files, size = meta.totals()
         metrics.listing_objects.set(files)
         metrics.listing_bytes.set(size)
-        log.info("cache %s: %d bytes cached, %d objects listed", ns_dir, used, files)
+        log.info("cache %s: %d bytes cached, %d objects listed", ns_dir, cache.used, files)
 
         uid = cfg.uid if cfg.uid is not None else os.getuid()
         gid = cfg.gid if cfg.gid is not None else os.getgid()
@@ -221,9 +215,12 @@ class Daemon:
         try:
             if cfg.metrics_addr:
                 probe = http.HealthProbe(cfg.mountpoint)
-                server = http.start(cfg.metrics_addr, probe.healthy, self._is_ready(prefetcher))
+                server = http.start(cfg.metrics_addr, lambda: meta.damaged is None and probe.healthy(),
+                                    self._is_ready(prefetcher))
             async with trio.open_nursery() as nursery:
                 layers.reader.nursery = nursery
+                await nursery.start(cache.run)  # the evictor
+                nursery.start_soon(cache.check)
                 layers.lister.nursery = nursery
                 nursery.start_soon(self._fuse_main, nursery)
                 nursery.start_soon(self._signals, nursery)
@@ -232,6 +229,8 @@ class Daemon:
                     await nursery.start(writer.run)
                 nursery.start_soon(prefetcher.run)
                 nursery.start_soon(self._housekeeping, cache, meta)
+                if not checked:
+                    nursery.start_soon(_check_index, meta)
                 nursery.start_soon(invalidations.run)
                 nursery.start_soon(self._initial_listing, layers.lister, prefetcher)
                 self.ready = True
@@ -351,6 +350,7 @@ class Daemon:
             "source": self.source.url,
             "mountpoint": self.cfg.mountpoint,
             "uptime": time.time() - self.mounted_at,
+            "metadata_damaged": core.meta.damaged,
             "listing": {"objects": files, "bytes": size, "complete": core.lister.listed_once.is_set()},
             "cache": {"dir": core.cache.root, "used_bytes": core.cache.used,
                       "capacity_bytes": core.cache.capacity, "policy": core.cache.policy,
@@ -375,6 +375,46 @@ class Daemon:
         return {"pending": writer.pending(), "recovered": list(writer.recovered),
                 "staged_bytes": writer.staged_bytes,
                 "uploaded_bytes": metrics.upload_bytes._value.get()}
+
+
+async def _open_index(ns_dir: str) -> tuple[MetadataStore, bool]:
+    """Open the namespace's LMDB index, rebuilding it (and saying so) if it cannot be opened,
+    was found damaged before, or is found damaged by a check of up to ``PRE_MOUNT_CHECK``
+    seconds. Returns the store and whether that check read all of it."""
+    path = os.path.join(ns_dir, "meta")
+    for attempt in (1, 2):
+        try:
+            damage = os.path.join(path, DAMAGED)
+            if os.path.exists(damage):
+                with open(damage) as f:
+                    raise RuntimeError(f"found damaged before: {f.read().strip()}")
+            meta = MetadataStore(path)
+            try:
+                _, complete = await trio.to_thread.run_sync(meta.check, time.monotonic() + PRE_MOUNT_CHECK)
+            except BaseException:
+                meta.env.close()
+                raise
+            return meta, complete
+        except Exception as exc:  # lmdb.Error, damage, a schema from another version
+            if attempt == 2:
+                raise
+            log.warning("cache index unusable (%s); rebuilding the namespace (the listing is read "
+                        "again and cached data downloaded again; data written and not yet "
+                        "uploaded is kept)", exc)
+            _wipe(ns_dir)
+    raise AssertionError("unreachable")
+
+
+async def _check_index(meta: MetadataStore) -> None:
+    """Finish reading the whole index after the mount (in a thread), when the check before the
+    mount ran out of time: damage left by a power loss is found now, not mid-training."""
+    try:
+        n, _ = await trio.to_thread.run_sync(meta.check)
+        log.info("cache index checked: %d entries", n)
+    except CORRUPTION:
+        pass  # noted by check(): /healthz fails, the next start rebuilds
+    except lmdb.Error as exc:
+        log.warning("cache index check stopped: %s", exc)
 
 
 class Invalidator:

@@ -4,7 +4,7 @@ Small objects (up to ``BLOCK_SIZE``) are one block; larger objects are cut into 
 few KB read from a 10 GB object costs one block. A block lives in ``data/XX/<ino>.<block>.<etag
 hash>``; it is written to a temporary file in the same directory, renamed into place, and only
 then recorded in the LMDB ``blocks`` table. So an entry always names a complete file, and a crash
-leaves at worst a file without an entry, which ``fsck`` removes at the next start.
+leaves at worst a file without an entry, which the start-up check removes.
 
 Admission and eviction (``--cache-policy``):
 - ``stable`` (default): when the cache is full, new data is admitted only by evicting entries
@@ -12,25 +12,69 @@ Admission and eviction (``--cache-policy``):
   cache keeps a fixed subset, so every epoch hits ``capacity / dataset`` of its reads — the best
   any cache can do for a random order — instead of LRU's near-zero; and a node that moves on to
   another dataset still ages the old one out.
-- ``lru``: evict the least recently used entries down to ``LOW_WATERMARK``.
+- ``lru``: evict the least recently used entries.
+
+Eviction runs in the background (``run``, a service the daemon starts), never inside a read:
+when admissions that may evict take ``used`` past ``HIGH_WATERMARK`` of the capacity, the evictor
+frees down to ``LOW_WATERMARK``. It walks the index ``SCAN_CHUNK`` entries per read transaction
+in a worker thread, resuming where its last walk stopped, and deletes in batches of
+``DELETE_BATCH``: memory is proportional to a chunk, not to the cache. In each chunk it takes the
+entries idle for ``idle_evict`` (``stable``), or the least recently used entries holding the
+share of the chunk's bytes that the whole index must give up (``lru``, and room for data written
+through the mount whatever the policy). Keys are inode numbers, unrelated to access order, so
+every chunk is a sample of the whole and this approximates LRU without sorting the index. A read
+that finds no room waits at most ``READ_WAIT`` for the evictor, then is served uncached.
+
+Accounting: ``used`` = bytes named by index entries (``indexed``) + bytes reserved (downloads in
+flight, data written through the mount and not yet cached). ``indexed`` is also stored in the
+LMDB meta table (``USED_KEY``), written in the same transaction as every change to the entries,
+so it is right at start without reading the index, and it never drifts from the entries.
+
+Start-up: the mount does not wait for a check of the files. ``check`` runs in the background:
+it walks the index in chunks, dropping entries whose file is missing or short, then the data
+directories one at a time, removing files that no entry names (point lookups, no set of names).
+Until it is done, a missing or short file is read as a miss.
 
 Access times are kept in memory and written to LMDB in batches (``flush_atimes``), so a cache
 hit costs no write transaction.
+
+Concurrency protocol (downloads write files in worker threads; the evictor, the check and
+``adopt`` change the index from worker threads):
+- Which entries exist, which files exist in ``data/``, and the counters change only while
+  ``_lock`` (a threading lock, held for one short batch) is held. So a check made under it still
+  holds when the change is made: the evictor deletes an entry only if it is still the one it
+  chose (same ETag hash and access time, not read since), and a file is removed only if no
+  entry names it. Lock order: ``_lock``, then an LMDB write transaction; never the reverse.
+- A file renamed into place whose entry is not written yet is *pending* (``_pending``): nobody
+  removes it, nor the entry that names it; its writer records it or removes it.
+- A reservation is a ``_Ticket`` in the context of the task that made it, which the worker
+  thread of its download inherits. ``commit`` and ``unreserve`` end it. A download thread that
+  outlived its task (abandoned on cancellation or at the retry deadline) finds its ticket ended
+  and puts no file in place; a file it put there before is removed with the reservation.
+- Access times not yet flushed (``_atimes``) count as a use: such entries are not evicted.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import contextvars
 import errno
+import itertools
 import logging
 import os
+import secrets
+import struct
+import threading
 import time
 from dataclasses import dataclass
 
+import lmdb
 import trio
 
 from .. import metrics
 from ..metadata.store import (
+    CORRUPTION,
     MetadataStore,
     WriteError,
     block_key,
@@ -43,11 +87,21 @@ from ..metadata.store import (
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 4 << 20  # 4 MiB: one GET per block is ~1 RTT + 4 MiB of transfer
-LOW_WATERMARK = 0.9  # LRU evicts down to 90% so that eviction runs in batches, not per block
+HIGH_WATERMARK = 0.95  # the evictor starts when admissions that may evict pass 95% of capacity,
+LOW_WATERMARK = 0.9  # and frees down to 90%, so that it runs in batches, not per block
 TMP_SUFFIX = ".tmp"
-HISTOGRAM_BUCKETS = 4096  # resolution of the access-time histogram used to pick LRU victims
 FULL_FRACTION = 0.95  # `cachefs status` calls the cache full from 95% of its capacity
-IDLE_RESCAN = 60.0  # seconds between scans for idle entries when the stable cache is full
+IDLE_RESCAN = 60.0  # seconds between walks for idle entries when the stable cache has none
+READ_WAIT = 0.5  # seconds a read with no room waits for the evictor; then it is served uncached
+#                  (longer means the evictor is behind, and the read should not wait for it)
+URGENT_WAIT = 30.0  # seconds data written through the mount waits for room before ENOSPC
+SCAN_CHUNK = 4096  # index entries per read transaction when evicting or checking (a few ms)
+DELETE_BATCH = 128  # entries deleted (and files unlinked) per hold of the lock (about 1 ms)
+SWEEPS_PER_ROUND = 2  # whole walks of the index one eviction round makes at most
+USED_KEY = b"cache_bytes"  # LMDB meta table: bytes named by block entries (u64 BE)
+
+_U64 = struct.Struct(">Q")
+_Entry = tuple[bytes, int, int, float]  # block key, etag hash, size, atime
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +112,18 @@ class BlockRef:
     size: int  # bytes in this block
 
 
+@dataclass(eq=False, slots=True)
+class _Ticket:
+    """One reservation (see the concurrency protocol in the module docstring)."""
+
+    live: bool = True
+    path: str | None = None  # the file its download put in place: pending until commit
+
+
+_TICKET: contextvars.ContextVar[_Ticket | None] = contextvars.ContextVar("cachefs_reservation",
+                                                                         default=None)
+
+
 class DataCache:
     def __init__(self, root: str, meta: MetadataStore, capacity: int, policy: str,
                  idle_evict: float) -> None:
@@ -66,65 +132,194 @@ class DataCache:
         self.capacity = capacity
         self.policy = policy
         self.idle_evict = idle_evict
-        self.used = 0
         self.disk_full = False  # the last cache write failed with ENOSPC/EDQUOT
         self.disk_limiter = trio.CapacityLimiter(16)  # concurrent file reads/writes
         self._atimes: dict[bytes, float] = {}
-        self._evicting = trio.Lock()
+        self._lock = threading.Lock()
+        self._pending: collections.Counter[str] = collections.Counter()
+        self._indexed = 0  # bytes named by entries (== the stored USED_KEY)
+        self._reserved = 0  # bytes reserved or charged, not in the index
+        self._tmp_tag = f"{os.getpid()}-{secrets.token_hex(4)}"  # our temporary files
+        self._tmp_seq = itertools.count()
+        # The evictor (``run``) and those waiting for it.
+        self._running = False
+        self._wake = trio.Event()
+        self._progress = trio.Event()  # set (and replaced) when space was freed or a round ended
+        self._rounds_started = 0
+        self._rounds_done = 0
+        self._demand = 0  # bytes waited for in reserve()
+        self._urgent = 0  # waiting reserve()s that evict whatever the policy
+        self._cursor = b""  # block key where the next walk of the index starts
         self._no_idle_until = 0.0
         os.makedirs(os.path.join(root, "data"), mode=0o700, exist_ok=True)
+        self._indexed = self._load_total()
         metrics.cache_capacity.set(capacity)
+        metrics.cache_used.set(self.used)
+
+    @property
+    def used(self) -> int:
+        """Bytes cached plus bytes reserved (downloads in flight, data written and staged)."""
+        return self._indexed + self._reserved
+
+    @property
+    def full(self) -> bool:
+        """The disk under the cache is full, or the cache is at (nearly) its capacity."""
+        return self.disk_full or self.used >= self.capacity * FULL_FRACTION
 
     # -- paths ------------------------------------------------------------------------------
 
     def path(self, ino: int, block: int, etag: str) -> str:
-        return os.path.join(self.root, "data", f"{ino & 0xFF:02x}",
-                            f"{ino}.{block}.{etag_hash(etag):016x}")
+        return self._path(ino, block, etag_hash(etag))
+
+    def _path(self, ino: int, block: int, etag_h: int) -> str:
+        return os.path.join(self.root, "data", f"{ino & 0xFF:02x}", f"{ino}.{block}.{etag_h:016x}")
+
+    def _key_path(self, key: bytes, etag_h: int) -> str:
+        return self._path(*unpack_block_key(key), etag_h)
+
+    def _tmp_name(self, path: str) -> str:
+        return f"{path}.{self._tmp_tag}.{next(self._tmp_seq)}{TMP_SUFFIX}"
 
     # -- start-up ---------------------------------------------------------------------------
 
-    def fsck(self) -> tuple[int, int, int]:
-        """Make the index and the files agree (blocking; run in a thread at start).
-        Returns (entries dropped, files removed, bytes in cache)."""
-        dropped = removed = used = 0
-        expected: set[str] = set()
-        stale: list[bytes] = []
+    def _load_total(self) -> int:
         with self.meta.env.begin() as txn:
-            for key, val in txn.cursor(db=self.meta.blocks):
-                ino, block = unpack_block_key(bytes(key))
-                etag_h, size, _ = unpack_block(bytes(val))
-                name = f"{ino}.{block}.{etag_h:016x}"
-                path = os.path.join(self.root, "data", f"{ino & 0xFF:02x}", name)
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:
-                    st = None
-                if st is None or st.st_size != size:
-                    stale.append(bytes(key))
-                    continue
-                expected.add(name)
-                used += size
-        if stale:
-            try:
+            raw = txn.get(USED_KEY, db=self.meta.meta)
+            if raw is not None:
+                return int(_U64.unpack(bytes(raw))[0])
+            # An index from before the total was stored: sum it once (no file is read).
+            total = sum(unpack_block(bytes(val))[1] for _, val in txn.cursor(db=self.meta.blocks))
+        try:
+            with self.meta.env.begin(write=True) as txn:
+                txn.put(USED_KEY, _U64.pack(total), db=self.meta.meta)
+        except WriteError as exc:  # the next change to the index stores it
+            self.index_write_failed(exc)
+        return total
+
+    def _store_total(self, txn: lmdb.Transaction, delta: int) -> None:
+        """In the transaction that changes the entries by ``delta`` bytes (``_lock`` held)."""
+        if delta:
+            txn.put(USED_KEY, _U64.pack(self._indexed + delta), db=self.meta.meta)
+
+    def fsck(self) -> tuple[int, int, int]:
+        """Make the index and the files agree, blocking (tools and tests; the daemon runs
+        ``check`` in the background). Returns (entries dropped, files removed, bytes cached)."""
+        dropped = removed = 0
+        pos: bytes | None = b""
+        while pos is not None:
+            pos, n = self._check_entries(pos)
+            dropped += n
+        for sub in self._data_dirs():
+            removed += self._check_dir(sub)
+        return dropped, removed, self._indexed
+
+    async def check(self) -> tuple[int, int, int]:
+        """``fsck`` in the background of a mounted filesystem: one chunk of the index or one
+        data directory per worker-thread call, so memory stays bounded and a shutdown waits for
+        one chunk at most. Logs what it repaired."""
+        start = time.monotonic()
+        dropped = removed = 0
+        pos: bytes | None = b""
+        while pos is not None:
+            pos, n = await trio.to_thread.run_sync(self._check_entries, pos)
+            dropped += n
+        for sub in await trio.to_thread.run_sync(self._data_dirs):
+            removed += await trio.to_thread.run_sync(self._check_dir, sub)
+        if dropped or removed:
+            log.warning("cache check repaired %d index entries without data and %d data files "
+                        "without entries", dropped, removed)
+        log.info("cache check finished in %.1f s: %d bytes cached", time.monotonic() - start,
+                 self._indexed)
+        metrics.cache_used.set(self.used)
+        return dropped, removed, self._indexed
+
+    def _data_dirs(self) -> list[str]:
+        return sorted(os.listdir(os.path.join(self.root, "data")))
+
+    def _check_entries(self, start: bytes) -> tuple[bytes | None, int]:
+        """Drop the entries of one chunk of the index whose file is missing or short. Returns
+        where the next chunk starts (None: done) and the number dropped. Runs in a thread."""
+        chunk, nxt = self._scan(start, SCAN_CHUNK)
+        suspects = [e for e in chunk if not _file_ok(self._key_path(e[0], e[1]), e[2])]
+        if not suspects:
+            return nxt, 0
+        dropped = freed = 0
+        try:
+            with self._lock:
                 with self.meta.env.begin(write=True) as txn:
-                    for key in stale:
+                    for key, etag_h, _, _ in suspects:
+                        raw = txn.get(key, db=self.meta.blocks)
+                        if raw is None:
+                            continue
+                        cur_h, size, _ = unpack_block(bytes(raw))
+                        path = self._key_path(key, cur_h)
+                        # Looked at again under the lock: a download may have put it right since.
+                        if cur_h != etag_h or self._pending[path] or _file_ok(path, size):
+                            continue
                         txn.delete(key, db=self.meta.blocks)
-                dropped = len(stale)
-            except WriteError as exc:  # a missing or short file is read as a miss anyway
-                self.index_write_failed(exc)
-        data = os.path.join(self.root, "data")
-        for sub in os.listdir(data):
-            subdir = os.path.join(data, sub)
-            if not os.path.isdir(subdir):
-                continue
-            for name in os.listdir(subdir):
-                if name not in expected:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(subdir, name))
-                    removed += 1
-        self.used = used
-        metrics.cache_used.set(used)
-        return dropped, removed, used
+                        dropped += 1
+                        freed += size
+                    self._store_total(txn, -freed)
+                self._indexed -= freed
+        except WriteError as exc:  # a missing or short file is read as a miss anyway
+            self.index_write_failed(exc)
+            return nxt, 0
+        metrics.cache_used.set(self.used)
+        return nxt, dropped
+
+    def _check_dir(self, sub: str) -> int:
+        """Remove the files of ``data/<sub>`` that no entry names (and temporary files not
+        ours). Returns how many. Runs in a thread; memory: the names of one directory."""
+        subdir = os.path.join(self.root, "data", sub)
+        try:
+            names = os.listdir(subdir)
+        except (NotADirectoryError, FileNotFoundError):
+            return 0
+        removed = 0
+        for i in range(0, len(names), SCAN_CHUNK):
+            removed += self._remove_strays(sub, names[i:i + SCAN_CHUNK])
+        return removed
+
+    def _remove_strays(self, sub: str, names: list[str]) -> int:
+        subdir = os.path.join(self.root, "data", sub)
+        with self.meta.env.begin() as txn:
+            strays = [n for n in names if not self._wanted(txn, sub, n)]
+        if not strays:
+            return 0
+        removed = 0
+        with self._lock, self.meta.env.begin() as txn:
+            for name in strays:
+                path = os.path.join(subdir, name)
+                if self._pending[path] or self._wanted(txn, sub, name):
+                    continue  # recorded (or put in place to be) since the first look
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:  # a directory, say: not ours to remove
+                    log.warning("cache check: cannot remove %s: %s", path, exc.strerror)
+                    continue
+                removed += 1
+        return removed
+
+    def _wanted(self, txn: lmdb.Transaction, sub: str, name: str) -> bool:
+        """A file of ours: named by an entry, or a temporary file this process is writing."""
+        if name.endswith(TMP_SUFFIX):
+            return f".{self._tmp_tag}." in name
+        parts = name.split(".")
+        if len(parts) != 3 or len(parts[2]) != 16:
+            return False
+        try:
+            ino, block, etag_h = int(parts[0]), int(parts[1]), int(parts[2], 16)
+        except ValueError:
+            return False
+        if f"{ino & 0xFF:02x}" != sub or name != f"{ino}.{block}.{etag_h:016x}":
+            return False
+        try:
+            raw = txn.get(block_key(ino, block), db=self.meta.blocks)
+        except struct.error:  # numbers too large for a key
+            return False
+        return raw is not None and unpack_block(bytes(raw))[0] == etag_h
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -160,69 +355,67 @@ class DataCache:
 
         return await trio.to_thread.run_sync(pread, limiter=self.disk_limiter)
 
-    # -- writes -----------------------------------------------------------------------------
+    # -- admission --------------------------------------------------------------------------
 
     async def reserve(self, size: int, *, evict: bool = True, urgent: bool = False) -> bool:
-        """Admit ``size`` bytes (evicting if the policy allows) and count them as used now, so
-        concurrent downloads never overshoot the capacity. False: not admitted (counted).
-        Every True must be followed by ``commit`` or ``unreserve``. ``urgent`` (data written
-        through the mount) evicts the least recently used cached data whatever the policy."""
-        while self.used + size > self.capacity:
-            if not await self._make_room(size, evict, urgent):
-                metrics.cache_rejected.inc()
-                return False
-        self.used += size
+        """Admit ``size`` bytes and count them as used now, so concurrent downloads never
+        overshoot the capacity. False: not admitted (counted). Every True must be followed by
+        ``commit`` or ``unreserve`` in the same task. With ``evict``, a full cache wakes the
+        evictor and waits for it briefly; ``urgent`` (data written through the mount) evicts the
+        least recently used cached data whatever the policy, and waits longer."""
+        _TICKET.set(None)
+        if evict and self.used + size > self.capacity * HIGH_WATERMARK:
+            self._kick(urgent)
+        if self.used + size > self.capacity and not (evict and await self._wait_for_room(size, urgent)):
+            metrics.cache_rejected.inc()
+            return False
+        with self._lock:
+            self._reserved += size
+        _TICKET.set(_Ticket())
+        metrics.cache_used.set(self.used)
         return True
 
     def unreserve(self, size: int) -> None:
-        self.used -= size
+        """Give back reserved bytes. Ends the calling task's reservation: a download thread of
+        it that still runs puts no file in place, and a file it put there is removed."""
+        ticket = _TICKET.get()
+        with self._lock:
+            self._reserved -= size
+            if ticket is not None:
+                self._end(ticket, keep=False)
+        if ticket is not None:
+            _TICKET.set(None)
         metrics.cache_used.set(self.used)
 
     def charge(self, size: int) -> None:
         """Count bytes that are already on disk (staged data found at start) as used."""
-        self.used += size
+        with self._lock:
+            self._reserved += size
         metrics.cache_used.set(self.used)
 
-    def adopt(self, ino: int, etag: str, fd: int, size: int) -> bool:
-        """Turn an uploaded staging file (open as ``fd``) into cached blocks of version ``etag``;
-        the ``size`` bytes are already reserved. Blocking: runs in a thread. False if the
-        blocks could not be written or recorded (the caller then unreserves)."""
-        refs = []
-        try:
-            for block in range(max(1, (size + BLOCK_SIZE - 1) // BLOCK_SIZE) if size else 0):
-                ref = BlockRef(ino, block, etag, min(BLOCK_SIZE, size - block * BLOCK_SIZE))
-                path = self.path(ino, block, etag)
-                tmp = f"{path}.{os.getpid()}.adopt{TMP_SUFFIX}"
-                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    offset, left = block * BLOCK_SIZE, ref.size
-                    while left:
-                        n = os.copy_file_range(fd, out, left, offset)
-                        if n == 0:
-                            raise OSError(errno.EIO, "staging file shorter than its size")
-                        offset, left = offset + n, left - n
-                finally:
-                    os.close(out)
-                os.rename(tmp, path)
-                refs.append(ref)
-            with self.meta.env.begin(write=True) as txn:
-                now = time.time()
-                for ref in refs:
-                    txn.put(block_key(ino, ref.block), pack_block(etag_hash(etag), ref.size, now),
-                            db=self.meta.blocks)
-        except (OSError, WriteError) as exc:
-            log.warning("could not keep written data in the cache: %s", exc)
-            for ref in refs:
-                self._unlink_later(ino, ref.block, etag_hash(etag))
-            return False
-        return True
+    def _end(self, ticket: _Ticket, *, keep: bool) -> None:
+        """End a reservation (``_lock`` held): its file is no longer pending; unless ``keep``
+        (it is about to be recorded), remove it if no entry names it."""
+        ticket.live = False
+        path, ticket.path = ticket.path, None
+        if path is None:
+            return
+        self._pending[path] -= 1
+        if self._pending[path] <= 0:
+            del self._pending[path]
+        if not keep:
+            ino, block, etag_h = _parse(path)
+            self._unlink_unnamed(block_key(ino, block), etag_h)
+
+    # -- writes -----------------------------------------------------------------------------
 
     def write_file(self, ref: BlockRef, data: bytes) -> OSError | None:
         """Write a block's file: temporary file, then rename. Blocking: runs in a worker thread
-        (the download's own, right after the GET). Returns the error instead of raising it."""
+        (the download's own, right after the GET). Returns the error instead of raising it. If
+        the reservation has ended meanwhile (the download was abandoned), writes nothing."""
+        ticket = _TICKET.get()
         path = self.path(ref.ino, ref.block, ref.etag)
-        tmp = f"{path}.{os.getpid()}.{id(data):x}{TMP_SUFFIX}"
+        tmp = self._tmp_name(path)
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -232,7 +425,14 @@ class DataCache:
                     view = view[os.write(fd, view):]
             finally:
                 os.close(fd)
-            os.rename(tmp, path)
+            with self._lock:
+                if ticket is not None and not ticket.live:
+                    os.unlink(tmp)
+                    return None  # nobody will record it: its space is no longer reserved
+                os.rename(tmp, path)
+                if ticket is not None and ticket.path is None:
+                    ticket.path = path
+                    self._pending[path] += 1
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -241,8 +441,32 @@ class DataCache:
 
     def commit(self, ref: BlockRef, error: OSError | None) -> bool:
         """Record a reserved block whose file ``write_file`` wrote (or failed to: ``error``)."""
+        ticket = _TICKET.get()
+        if ticket is not None:
+            _TICKET.set(None)
+        etag_h = etag_hash(ref.etag)
+        key = block_key(ref.ino, ref.block)
+        failed: Exception | None = None
+        with self._lock:
+            self._reserved -= ref.size
+            placed = ticket is None or ticket.path is not None
+            if ticket is not None:
+                self._end(ticket, keep=True)
+            if error is None and placed:
+                try:
+                    with self.meta.env.begin(write=True) as txn:
+                        old = txn.get(key, db=self.meta.blocks)
+                        txn.put(key, pack_block(etag_h, ref.size, time.time()), db=self.meta.blocks)
+                        old_h, old_size, _ = unpack_block(bytes(old)) if old is not None else (etag_h, 0, 0.0)
+                        self._store_total(txn, ref.size - old_size)
+                    self._indexed += ref.size - old_size
+                    if old_h != etag_h:
+                        self._unlink_unnamed(key, old_h)
+                except WriteError as exc:
+                    failed = exc
+                    self._unlink_unnamed(key, etag_h)
+        metrics.cache_used.set(self.used)
         if error is not None:
-            self.unreserve(ref.size)
             metrics.cache_write_errors.inc()
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 if not self.disk_full:
@@ -251,38 +475,105 @@ class DataCache:
             else:
                 log.warning("cannot write cache file: %s", error.strerror)
             return False
-        key = block_key(ref.ino, ref.block)
-        try:
-            with self.meta.env.begin(write=True) as txn:
-                old = txn.get(key, db=self.meta.blocks)
-                txn.put(key, pack_block(etag_hash(ref.etag), ref.size, time.time()), db=self.meta.blocks)
-        except WriteError as exc:
-            self.unreserve(ref.size)
-            self._unlink_later(ref.ino, ref.block, etag_hash(ref.etag))
-            self.index_write_failed(exc)
+        if failed is not None:
+            self.index_write_failed(failed)
             return False
-        if old is not None:
-            old_h, old_size, _ = unpack_block(bytes(old))
-            self.used -= old_size
-            if old_h != etag_hash(ref.etag):
-                self._unlink_later(ref.ino, ref.block, old_h)
+        if not placed:
+            return False
         self.disk_full = False
+        return True
+
+    def adopt(self, ino: int, etag: str, fd: int, size: int) -> bool:
+        """Turn an uploaded staging file (open as ``fd``) into cached blocks of version ``etag``;
+        the ``size`` bytes are already reserved. Blocking: runs in a thread. False if the
+        blocks could not be written or recorded (the caller then unreserves)."""
+        etag_h = etag_hash(etag)
+        placed: list[tuple[BlockRef, str]] = []
+        released = False
+        try:
+            for block in range((size + BLOCK_SIZE - 1) // BLOCK_SIZE):
+                ref = BlockRef(ino, block, etag, min(BLOCK_SIZE, size - block * BLOCK_SIZE))
+                path = self.path(ino, block, etag)
+                tmp = self._tmp_name(path)
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                try:
+                    _copy_range(fd, tmp, block * BLOCK_SIZE, ref.size)
+                    with self._lock:
+                        os.rename(tmp, path)
+                        self._pending[path] += 1
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+                placed.append((ref, path))
+            with self._lock:
+                replaced: list[tuple[bytes, int]] = []
+                delta = 0
+                try:
+                    with self.meta.env.begin(write=True) as txn:
+                        now = time.time()
+                        for ref, _ in placed:
+                            key = block_key(ino, ref.block)
+                            old = txn.get(key, db=self.meta.blocks)
+                            if old is not None:
+                                old_h, old_size, _ = unpack_block(bytes(old))
+                                delta -= old_size
+                                if old_h != etag_h:
+                                    replaced.append((key, old_h))
+                            txn.put(key, pack_block(etag_h, ref.size, now), db=self.meta.blocks)
+                            delta += ref.size
+                        self._store_total(txn, delta)
+                finally:
+                    self._release([p for _, p in placed])
+                    released = True
+                self._indexed += delta
+                self._reserved -= size
+                for key, old_h in replaced:
+                    self._unlink_unnamed(key, old_h)
+        except (OSError, WriteError) as exc:
+            log.warning("could not keep written data in the cache: %s", exc)
+            with self._lock:
+                if not released:
+                    self._release([p for _, p in placed])
+                for ref, _ in placed:
+                    self._unlink_unnamed(block_key(ino, ref.block), etag_h)
+            return False
         metrics.cache_used.set(self.used)
         return True
 
+    def _release(self, paths: list[str]) -> None:
+        """These files are no longer pending (``_lock`` held)."""
+        for path in paths:
+            self._pending[path] -= 1
+            if self._pending[path] <= 0:
+                del self._pending[path]
+
+    def _unlink_unnamed(self, key: bytes, etag_h: int) -> None:
+        """Remove the file of version ``etag_h`` of block ``key`` unless an entry names it or it
+        is pending (``_lock`` held, outside any write transaction). Unlinking a small file takes
+        microseconds."""
+        path = self._key_path(key, etag_h)
+        if self._pending[path]:
+            return
+        with self.meta.env.begin() as txn:
+            raw = txn.get(key, db=self.meta.blocks)
+        if raw is not None and unpack_block(bytes(raw))[0] == etag_h:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
     def index_write_failed(self, exc: Exception) -> None:
         """A write to the LMDB index failed (its disk is full): count it, say so once, go on
-        without it. Reads are served from the backend; nothing half-written is ever used."""
+        without it. Reads are served from the backend; nothing half-written is ever used.
+        A damaged index is not a full disk: it is noted for a rebuild at the next start."""
         metrics.cache_write_errors.inc()
+        if isinstance(exc, CORRUPTION):
+            self.meta.note_damage(exc)
+            return
         if not self.disk_full:
             log.warning("cannot write the cache index in %s (%s); serving from the backend without "
                         "caching", self.root, exc)
         self.disk_full = True
-
-    @property
-    def full(self) -> bool:
-        """The disk under the cache is full, or the cache is at (nearly) its capacity."""
-        return self.disk_full or self.used >= self.capacity * FULL_FRACTION
 
     async def store(self, ref: BlockRef, data: bytes, *, evict: bool = True) -> bool:
         """Cache a block already in memory. Returns False if it was not admitted (cache full,
@@ -298,40 +589,44 @@ class DataCache:
             raise
         return self.commit(ref, error)
 
-    def _unlink_later(self, ino: int, block: int, etag_h: int) -> None:
-        path = os.path.join(self.root, "data", f"{ino & 0xFF:02x}", f"{ino}.{block}.{etag_h:016x}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # unlink of a small file: microseconds, fine on the trio thread
-
     def retag(self, ino: int, old: str, new: str) -> None:
         """The object's data is unchanged but its ETag is now ``new`` (a server-side copy):
         keep its cached blocks under the new version."""
-        moved: list[tuple[bytes, bytes]] = []
+        old_h, new_h = etag_hash(old), etag_hash(new)
+        if old_h == new_h:
+            return
+        with self._lock:
+            moved: list[tuple[bytes, int, float, str, str]] = []
+            for key, etag_h, size, atime in self._entries_of(ino):
+                src, dst = self._key_path(key, old_h), self._key_path(key, new_h)
+                if etag_h != old_h or self._pending[src]:
+                    continue
+                try:
+                    os.rename(src, dst)
+                except OSError:
+                    continue
+                moved.append((key, size, atime, src, dst))
+            try:
+                with self.meta.env.begin(write=True) as txn:
+                    for key, size, atime, _, _ in moved:
+                        txn.put(key, pack_block(new_h, size, atime), db=self.meta.blocks)
+            except WriteError as exc:
+                for *_, src, dst in moved:  # the entries still name the old files
+                    with contextlib.suppress(OSError):
+                        os.rename(dst, src)
+                self.index_write_failed(exc)
+
+    def _entries_of(self, ino: int) -> list[_Entry]:
+        prefix = block_key(ino, 0)[:8]
+        out: list[_Entry] = []
         with self.meta.env.begin() as txn:
             cur = txn.cursor(db=self.meta.blocks)
-            prefix = block_key(ino, 0)[:8]
             if cur.set_range(prefix):
                 for key, val in cur:
                     if not bytes(key).startswith(prefix):
                         break
-                    moved.append((bytes(key), bytes(val)))
-        keep = []
-        for key, val in moved:
-            etag_h, size, atime = unpack_block(val)
-            block = unpack_block_key(key)[1]
-            if etag_h != etag_hash(old):
-                continue
-            try:
-                os.rename(self.path(ino, block, old), self.path(ino, block, new))
-            except OSError:
-                continue
-            keep.append((key, pack_block(etag_hash(new), size, atime)))
-        try:
-            with self.meta.env.begin(write=True) as txn:
-                for key, val in keep:
-                    txn.put(key, val, db=self.meta.blocks)
-        except WriteError as exc:
-            self.index_write_failed(exc)
+                    out.append((bytes(key), *unpack_block(bytes(val))))
+        return out
 
     def drop_inodes(self, inos: list[int], keep: dict[int, str] | None = None) -> None:
         """Forget every cached block of these files (deleted or changed in the bucket), except
@@ -339,101 +634,183 @@ class DataCache:
         if not inos:
             return
         kept = {ino: etag_hash(etag) for ino, etag in (keep or {}).items()}
-        victims: list[tuple[bytes, int, int, int]] = []
-        with self.meta.env.begin(write=True) as txn:
-            cur = txn.cursor(db=self.meta.blocks)
-            for ino in inos:
-                prefix = block_key(ino, 0)[:8]
-                if not cur.set_range(prefix):
-                    continue
-                for key, val in cur:
-                    if not bytes(key).startswith(prefix):
-                        break
-                    etag_h, size, _ = unpack_block(bytes(val))
-                    if kept.get(ino) != etag_h:
-                        victims.append((bytes(key), ino, etag_h, size))
-            for key, *_ in victims:
-                txn.delete(key, db=self.meta.blocks)
-        for key, ino, etag_h, size in victims:
-            self._unlink_later(ino, unpack_block_key(key)[1], etag_h)
-            self.used -= size
+        try:
+            with self._lock:
+                victims = [e for ino in inos for e in self._entries_of(ino) if kept.get(ino) != e[1]]
+                freed = 0
+                with self.meta.env.begin(write=True) as txn:
+                    for key, _, _, _ in victims:
+                        raw = txn.get(key, db=self.meta.blocks)
+                        if raw is not None:
+                            txn.delete(key, db=self.meta.blocks)
+                            freed += unpack_block(bytes(raw))[1]
+                    self._store_total(txn, -freed)
+                self._indexed -= freed
+                for key, etag_h, _, _ in victims:
+                    path = self._key_path(key, etag_h)
+                    if not self._pending[path]:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
+        except WriteError as exc:  # entries of an old version are never served (ETag check)
+            self.index_write_failed(exc)
         metrics.cache_used.set(self.used)
 
-    # -- policy -----------------------------------------------------------------------------
+    # -- the evictor ------------------------------------------------------------------------
 
-    async def _make_room(self, need: int, evict: bool, urgent: bool = False) -> bool:
-        if not evict:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The evictor, a service for the daemon's nursery. Without it running, a full cache
+        admits nothing (reads are served uncached and writes get ENOSPC)."""
+        self._running = True
+        try:
+            task_status.started()
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                self._rounds_started += 1
+                try:
+                    await self._evict_round()
+                except WriteError as exc:
+                    self.index_write_failed(exc)
+                finally:
+                    self._rounds_done = self._rounds_started
+                    self._notify()
+        finally:
+            self._running = False
+            self._notify()
+
+    def _kick(self, urgent: bool) -> None:
+        if self._running and (urgent or self.policy == "lru" or time.monotonic() >= self._no_idle_until):
+            self._wake.set()
+
+    def _notify(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
+    async def _wait_for_room(self, size: int, urgent: bool) -> bool:
+        """Wait for the evictor to make room for ``size`` bytes: True if it did in time."""
+        if not self._running or size > self.capacity:
             return False
-        async with self._evicting:
-            if self.used + need <= self.capacity:
+        if not urgent and self.policy != "lru" and time.monotonic() < self._no_idle_until:
+            return False  # nothing was idle a moment ago: do not wait for a walk to say so again
+        first = self._rounds_started + 1  # the first round to start from now on sees the request
+        self._demand += size
+        self._urgent += urgent
+        try:
+            with trio.move_on_after(URGENT_WAIT if urgent else READ_WAIT):
+                while self.used + size > self.capacity:
+                    if not self._running or self._rounds_done >= first:
+                        return False  # a round that knew of this request could not make room
+                    self._wake.set()
+                    await self._progress.wait()
                 return True
-            if self.policy == "lru" or urgent:
-                target = int(self.capacity * LOW_WATERMARK) - need
-                cutoff = None
-            else:
-                if time.monotonic() < self._no_idle_until:
-                    return False
-                # Free a batch (not just this block) so the index is scanned rarely.
-                target = min(self.capacity - need, int(self.capacity * LOW_WATERMARK))
-                cutoff = time.time() - self.idle_evict
-            self.flush_atimes()
-            chosen = await trio.to_thread.run_sync(self._pick_victims, self.used - max(0, target),
-                                                   cutoff)
-            if chosen is None:
-                # Nothing idle enough: the cache keeps its stable subset. Scanning again for
-                # every miss would cost O(entries) each; look again in a while.
-                self._no_idle_until = time.monotonic() + IDLE_RESCAN
-                return False
-            try:
-                with self.meta.env.begin(write=True) as txn:
-                    for key, _, _ in chosen:
-                        txn.delete(key, db=self.meta.blocks)
-            except WriteError as exc:
-                self.index_write_failed(exc)
-                return False
-            for key, etag_h, size in chosen:
-                ino, block = unpack_block_key(key)
-                self._unlink_later(ino, block, etag_h)
-                self.used -= size
-            metrics.cache_evictions.inc(len(chosen))
-            metrics.cache_used.set(self.used)
-            return self.used + need <= self.capacity
+            return False
+        finally:
+            self._demand -= size
+            self._urgent -= urgent
 
-    def _pick_victims(self, amount: int, cutoff: float | None) -> list[tuple[bytes, int, int]] | None:
-        """Entries totalling at least ``amount`` bytes, least recently used first, only those
-        used before ``cutoff`` if given; None if there are none. Runs in a thread.
+    async def _evict_round(self) -> None:
+        lru = self._urgent > 0 or self.policy == "lru"
+        if not lru and time.monotonic() < self._no_idle_until:
+            return
+        amount = self.used + self._demand - int(self.capacity * LOW_WATERMARK)
+        if amount <= 0 or (not self._demand and self.used <= self.capacity * HIGH_WATERMARK):
+            return
+        self.flush_atimes()
+        cutoff = None if lru else time.time() - self.idle_evict
+        freed = 0
+        for _ in range(SWEEPS_PER_ROUND):
+            share = min(1.0, (amount - freed) / max(1, self._indexed))
+            got = await self._sweep(amount - freed, share, cutoff)
+            freed += got
+            if freed >= amount or got == 0:
+                break
+        if freed == 0 and cutoff is not None:
+            # Nothing idle enough: the cache keeps its stable subset. Walking the index again for
+            # every miss would cost O(entries) each; look again in a while.
+            self._no_idle_until = time.monotonic() + IDLE_RESCAN
 
-        Two passes over the index so memory stays proportional to the victims, not the cache:
-        the first builds a histogram of bytes by access time, which gives the access time below
-        which enough bytes lie; the second collects exactly those entries."""
-        # One read transaction for all passes: a snapshot. Entries committed or touched between
-        # two passes would lie outside [lo, hi] and fall off the histogram.
-        with self.meta.env.begin() as txn:
-            lo, hi = float("inf"), float("-inf")
-            for _, val in txn.cursor(db=self.meta.blocks):
-                atime = unpack_block(bytes(val))[2]
-                if cutoff is None or atime < cutoff:
-                    lo, hi = min(lo, atime), max(hi, atime)
-            if lo > hi:
-                return None
-            width = max((hi - lo) / HISTOGRAM_BUCKETS, 1e-6)
-            histogram = [0] * (HISTOGRAM_BUCKETS + 1)
-            for _, val in txn.cursor(db=self.meta.blocks):
-                _, size, atime = unpack_block(bytes(val))
-                if cutoff is None or atime < cutoff:
-                    histogram[min(int((atime - lo) / width), HISTOGRAM_BUCKETS)] += size
-            total, last = 0, HISTOGRAM_BUCKETS
-            for i, size in enumerate(histogram):
-                total += size
-                if total >= amount:
-                    last = i
+    async def _sweep(self, amount: int, share: float, cutoff: float | None) -> int:
+        """One walk around the index from the cursor, stopping once ``amount`` bytes are freed.
+        Returns the bytes freed."""
+        freed = 0
+        start = pos = self._cursor
+        wrapped = False
+        while freed < amount:
+            chunk, nxt = await trio.to_thread.run_sync(self._scan, pos, SCAN_CHUNK)
+            victims = self._choose(chunk, amount - freed, share, cutoff)
+            for i in range(0, len(victims), DELETE_BATCH):
+                gone, n = await trio.to_thread.run_sync(self._delete_victims, victims[i:i + DELETE_BATCH])
+                freed += gone
+                metrics.cache_evictions.inc(n)
+                metrics.cache_used.set(self.used)
+                self._notify()
+            if nxt is None:
+                self._cursor = b""
+                if wrapped or start == b"":
                     break
-            chosen: list[tuple[bytes, int, int]] = []
-            for key, val in txn.cursor(db=self.meta.blocks):
-                etag_h, size, atime = unpack_block(bytes(val))
-                if (cutoff is None or atime < cutoff) and int((atime - lo) / width) <= last:
-                    chosen.append((bytes(key), etag_h, size))
+                wrapped, pos = True, b""
+                continue
+            self._cursor = pos = nxt
+            if wrapped and nxt >= start:
+                break
+        return freed
+
+    def _choose(self, chunk: list[_Entry], amount: int, share: float,
+                cutoff: float | None) -> list[_Entry]:
+        """Victims in one chunk, least recently used first: the idle ones (``cutoff``), or the
+        ones holding ``share`` of the chunk's bytes; ``amount`` bytes at most (one entry more)."""
+        touched = self._atimes
+        candidates = sorted((e for e in chunk if e[0] not in touched and (cutoff is None or e[3] < cutoff)),
+                            key=lambda e: e[3])
+        quota = amount if cutoff is not None else min(amount, share * sum(e[2] for e in chunk))
+        chosen: list[_Entry] = []
+        total = 0
+        for e in candidates:
+            if total >= quota:
+                break
+            chosen.append(e)
+            total += e[2]
         return chosen
+
+    def _scan(self, start: bytes, limit: int) -> tuple[list[_Entry], bytes | None]:
+        """Up to ``limit`` entries from key ``start`` on, and the key after them (None: the end).
+        One read transaction; runs in a thread."""
+        out: list[_Entry] = []
+        with self.meta.env.begin() as txn:
+            cur = txn.cursor(db=self.meta.blocks)
+            if not cur.set_range(start):
+                return out, None
+            for key, val in cur:
+                if len(out) == limit:
+                    return out, bytes(key)
+                out.append((bytes(key), *unpack_block(bytes(val))))
+        return out, None
+
+    def _delete_victims(self, victims: list[_Entry]) -> tuple[int, int]:
+        """Delete the victims that are still what was chosen: same version, same access time,
+        not read since, file not being rewritten. Returns (bytes freed, entries deleted). Runs
+        in a thread."""
+        freed = 0
+        gone: list[str] = []
+        with self._lock:
+            with self.meta.env.begin(write=True) as txn:
+                for key, etag_h, _, atime in victims:
+                    raw = txn.get(key, db=self.meta.blocks)
+                    if raw is None or key in self._atimes:
+                        continue
+                    cur_h, size, cur_atime = unpack_block(bytes(raw))
+                    path = self._key_path(key, cur_h)
+                    if cur_h != etag_h or cur_atime != atime or self._pending[path]:
+                        continue
+                    txn.delete(key, db=self.meta.blocks)
+                    freed += size
+                    gone.append(path)
+                self._store_total(txn, -freed)
+            self._indexed -= freed
+            for path in gone:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        return freed, len(gone)
 
     def flush_atimes(self) -> None:
         """Write the batched access times to LMDB."""
@@ -449,3 +826,28 @@ class DataCache:
                         txn.put(key, pack_block(etag_h, size, atime), db=self.meta.blocks)
         except WriteError as exc:  # access times are hints for eviction: losing a batch is fine
             self.index_write_failed(exc)
+
+
+def _file_ok(path: str, size: int) -> bool:
+    try:
+        return os.stat(path).st_size == size
+    except FileNotFoundError:
+        return False
+
+
+def _parse(path: str) -> tuple[int, int, int]:
+    """(ino, block, etag hash) of a block file's path made by ``DataCache._path``."""
+    ino, block, etag_h = os.path.basename(path).split(".")
+    return int(ino), int(block), int(etag_h, 16)
+
+
+def _copy_range(fd: int, dst: str, offset: int, length: int) -> None:
+    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while length:
+            n = os.copy_file_range(fd, out, length, offset)
+            if n == 0:
+                raise OSError(errno.EIO, "staging file shorter than its size")
+            offset, length = offset + n, length - n
+    finally:
+        os.close(out)

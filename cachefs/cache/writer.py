@@ -47,6 +47,7 @@ from .. import metrics
 from ..backends import Backend, ObjectInfo
 from ..errors import BackendError, ObjectChanged
 from ..metadata import MetadataStore, Record
+from ..metadata.names import decode_name, encode_name
 from .reader import BlockReader, block_count, block_ref
 from .store import BLOCK_SIZE, DataCache
 
@@ -155,8 +156,35 @@ class Writer:
         st.fd = os.open(st.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         st.dirty = True
         st.writers = 1
-        self.meta.journal_put(rec.ino)
+        self._journal(rec.ino)
         return st
+
+    def _journal(self, ino: int, upload_id: str = "") -> None:
+        """Record that ``ino`` has staged data not in the bucket. Beside the LMDB entry, the
+        file's key goes to ``STAGING/<ino>.key``: if LMDB is ever lost (damaged and rebuilt),
+        the staged data can still be uploaded where it belongs."""
+        self.meta.journal_put(ino, upload_id)
+        self._write_key(ino)
+
+    def _write_key(self, ino: int) -> None:
+        rec = self.meta.get(ino)
+        if rec is None:
+            return
+        tmp = os.path.join(self.dir, f"{ino}.key.tmp")
+        with open(tmp, "wb") as f:
+            f.write(encode_name(rec.rel))
+        os.replace(tmp, os.path.join(self.dir, f"{ino}.key"))
+
+    def _unjournal(self, ino: int) -> None:
+        self.meta.journal_delete(ino)
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.dir, f"{ino}.key"))
+
+    def renamed(self) -> None:
+        """Names changed (a rename): the keys of files not yet uploaded follow."""
+        for st in self.files.values():
+            if st.dirty and not st.deleted:
+                self._write_key(st.ino)
 
     def _new(self, ino: int, size: int) -> Staged:
         st = Staged(ino, os.path.join(self.dir, str(ino)), size)
@@ -239,7 +267,7 @@ class Writer:
         or removes it before its upload."""
         st.gen += 1
         if not st.dirty:
-            self.meta.journal_put(st.ino, st.upload_id or "")
+            self._journal(st.ino, st.upload_id or "")
             self.meta.set_file(st.ino, size=st.size, local=True)
             st.dirty = True
         for part in range(start // PART_SIZE, max(start, end - 1) // PART_SIZE + 1):
@@ -292,7 +320,7 @@ class Writer:
             async with st.session:
                 if st.upload_id is None:
                     st.upload_id = await self.backend.start_upload(key)
-                    self.meta.journal_put(st.ino, st.upload_id)
+                    self._journal(st.ino, st.upload_id)
             upload_id = st.upload_id
             gen = st.part_gen.get(part, 0)
             start = part * PART_SIZE
@@ -335,7 +363,7 @@ class Writer:
             st.committed_at = time.monotonic()
             self.meta.set_file(st.ino, size=info.size, etag=info.etag, mtime=info.mtime, local=False,
                                seen=time.time())
-            self.meta.journal_delete(st.ino)
+            self._unjournal(st.ino)
             self.cache.drop_inodes([st.ino])  # the previous version's blocks
             self.on_replaced(st.ino)
             if st.recovered:
@@ -431,7 +459,7 @@ class Writer:
         with contextlib.suppress(OSError):
             os.unlink(st.path)
         if st.deleted:
-            self.meta.journal_delete(st.ino)
+            self._unjournal(st.ino)
         self._update_gauges()
 
     async def discard(self, ino: int) -> None:
@@ -443,7 +471,7 @@ class Writer:
             return
         st.deleted = True
         self._drop_session(st)
-        self.meta.journal_delete(ino)
+        self._unjournal(ino)
         await self._close(st)
 
     def lock_of(self, ino: int) -> trio.Lock | None:
@@ -527,13 +555,16 @@ class Writer:
 
     def recover(self) -> list[str]:
         """Take over the journal left by a daemon that stopped before uploading everything:
-        each file with staged data is uploaded by the background loop. Returns their names."""
+        each file with staged data is uploaded by the background loop. Staged files whose
+        journal entry was lost with a damaged LMDB are found by their ``.key`` files and
+        staged again. Returns the names of the files to upload."""
+        self._adopt_orphans()
         names = []
         for ino, upload_id in self.meta.journal():
             path = os.path.join(self.dir, str(ino))
             rec = self.meta.get(ino)
             if rec is None or not os.path.exists(path):
-                self.meta.journal_delete(ino)
+                self._unjournal(ino)
                 with contextlib.suppress(OSError):
                     os.unlink(path)
                 continue
@@ -550,12 +581,37 @@ class Writer:
                         rec.rel, st.size)
             self.recovered.append({"name": rec.rel, "size": st.size, "state": "uploading",
                                    "at": time.time()})
-        for name in os.listdir(self.dir):  # staging files without a journal entry
-            if not name.isdigit() or int(name) not in self.files:
+        for name in os.listdir(self.dir):  # staging files (and keys) without a journal entry
+            if name.partition(".")[0] not in {str(ino) for ino in self.files}:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.dir, name))
         self._update_gauges()
         return names
+
+    def _adopt_orphans(self) -> None:
+        journaled = {ino for ino, _ in self.meta.journal()}
+        for name in sorted(os.listdir(self.dir)):
+            if not name.endswith(".key") or not name[:-4].isdigit() or int(name[:-4]) in journaled:
+                continue
+            old = int(name[:-4])
+            data = os.path.join(self.dir, str(old))
+            if not os.path.exists(data):
+                continue
+            with open(os.path.join(self.dir, name), "rb") as f:
+                rel = decode_name(f.read())
+            now = time.time()
+            self.meta.ingest([(rel, os.path.getsize(data), "", now)], [], now)
+            rec = self.meta.resolve(rel)
+            if rec is None or rec.is_dir:
+                log.error("staged data for %r cannot be shown under that name; kept in %s", rel, data)
+                continue
+            if rec.ino != old:
+                os.replace(data, os.path.join(self.dir, str(rec.ino)))
+                os.unlink(os.path.join(self.dir, name))
+            self.meta.set_file(rec.ino, size=os.path.getsize(os.path.join(self.dir, str(rec.ino))),
+                               local=True)
+            self._journal(rec.ino)
+            log.warning("staged data of %r found after the cache index was rebuilt: uploading", rel)
 
     def pending(self) -> list[dict[str, Any]]:
         """Files with data not yet in the bucket, for `cachefs status`."""

@@ -28,6 +28,7 @@ from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, InodeT, StatvfsData
 
 from .. import metrics
 from ..metadata import Record
+from ..metadata.store import CORRUPTION
 from .core import CoreFS, FsError
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ class CachefsOperations(pyfuse3.Operations):
         except pyfuse3.FUSEError as exc:
             metrics.fuse_errors.labels(name, metrics.errno_name(exc.errno)).inc()
             raise
+        except CORRUPTION as exc:  # the LMDB index is damaged: noted, rebuilt at the next start
+            metrics.fuse_errors.labels(name, "EIO").inc()
+            self.core.meta.note_damage(exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             metrics.fuse_errors.labels(name, "EIO").inc()
             log.exception("unexpected error in %s", name)

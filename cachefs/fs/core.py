@@ -448,6 +448,7 @@ class CoreFS:
                 moved = self.meta.get(h.record.ino)
                 if moved is not None:
                     h.record.rel = moved.rel
+            writer.renamed()
 
     async def _rename_file(self, src: Record, dst: Record | None, new_rel: str, writer: Writer) -> None:
         prefix = self.lister.prefix

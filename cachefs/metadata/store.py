@@ -6,7 +6,7 @@ Layout (one LMDB environment per cache namespace, four named databases):
     dirents  parent ino (u64 BE) + name      -> child ino (u64 BE)
     blocks   ino (u64 BE) + block (u32 BE)   -> etag hash (u64) + size (u64) + atime (f64)
     staged   ino (u64 BE)                    -> multipart upload id (utf-8, may be empty)
-    meta     b"schema", b"next_ino", b"files", b"bytes"
+    meta     b"schema", b"next_ino", b"files", b"bytes", b"cache_bytes" (see ``cache.store``)
 
 Invariants:
 - Every dirent points at an inode record whose parent is the dirent's parent, and every inode
@@ -28,11 +28,13 @@ cache is the right trade against an fsync per listing page.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import logging
 import os
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -46,10 +48,17 @@ SCHEMA = b"cachefs-1"
 #: What a failed LMDB write raises (the cache dir's disk is full: DiskError, or a short write).
 #: Callers that can go on without the write (the listing, the cache index) catch it.
 WriteError = lmdb.Error
+#: What LMDB raises when its file is damaged (a power loss under ``sync=False``, a bad disk).
+#: Never "disk full": the namespace is marked damaged and rebuilt at the next start.
+CORRUPTION = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError,
+              lmdb.VersionMismatchError, lmdb.BadChecksumError, lmdb.IncompatibleError,
+              lmdb.BadTxnError)
+DAMAGED = "damaged"  # marker file in the LMDB directory: rebuild this namespace at start
 ROOT_INODE = 1
 LOCAL = float("inf")  # ``seen`` of a file whose data is only on this machine (not yet uploaded)
 MAP_SIZE = 1 << 40  # address space only; the file grows with use (1M objects ~ 300 MB)
 
+CHECK_BATCH = 10_000  # entries read per transaction by ``check``
 _U64 = struct.Struct(">Q")
 _BLOCK_KEY = struct.Struct(">QI")
 _BLOCK_VAL = struct.Struct(">QQd")  # etag hash, size, last access (s, float: LRU needs order)
@@ -108,7 +117,8 @@ class DirEntry:
 
 @dataclass(slots=True)
 class IngestResult:
-    changed: list[int]  # files whose ETag changed: their cached data and kernel pages are stale
+    changed: list[int]  # files whose ETag changed, or that a directory replaced: their cached
+    #                     data and kernel pages are stale
     skipped: int  # keys that cannot be file names (see names.py)
 
 
@@ -139,6 +149,8 @@ class MetadataStore:
 
     def __init__(self, path: str) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)
+        self.path = path
+        self.damaged: str | None = None
         self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=5, subdir=True, sync=False,
                              metasync=False, readahead=False, max_readers=512, lock=True, mode=0o600)
         self.inodes = self.env.open_db(b"inodes")
@@ -157,8 +169,53 @@ class MetadataStore:
                 raise RuntimeError(f"cache metadata has schema {bytes(schema)!r}, expected {SCHEMA!r}")
 
     def close(self) -> None:
-        self.env.sync(True)
+        with contextlib.suppress(lmdb.Error):
+            self.env.sync(True)
         self.env.close()
+
+    # -- damage -----------------------------------------------------------------------------
+
+    def note_damage(self, exc: BaseException) -> None:
+        """LMDB reported damage: say so (once) and leave a marker so that the next start
+        rebuilds the namespace (the listing is relisted; cached data is downloaded again;
+        data written and not uploaded is kept, see ``cache.writer``)."""
+        if self.damaged is None:
+            self.damaged = f"{type(exc).__name__}: {exc}"
+            log.error("the cache index in %s is damaged (%s); cachefs reports itself unhealthy and "
+                      "rebuilds the index at its next start", self.path, self.damaged)
+            with contextlib.suppress(OSError), open(os.path.join(self.path, DAMAGED), "w") as f:
+                f.write(self.damaged + "\n")
+
+    def check(self, until: float | None = None) -> tuple[int, bool]:
+        """Read every page of every table (blocking: run in a thread), stopping at ``until``
+        (``time.monotonic()``) if given. Returns (entries read, whether it read everything);
+        damage found is noted (``note_damage``) and re-raised."""
+        entries = 0
+        try:
+            for db in (self.inodes, self.dirents, self.blocks, self.staged, self.meta):
+                after: bytes | None = None
+                while True:
+                    if until is not None and time.monotonic() > until:
+                        return entries, False
+                    with self.env.begin() as txn:
+                        cur = txn.cursor(db=db)
+                        if not (cur.set_range(after) if after else cur.first()):
+                            break
+                        n = 0
+                        for key, _ in cur:
+                            if after is not None and bytes(key) == after:
+                                continue
+                            after = bytes(key)
+                            n += 1
+                            if n >= CHECK_BATCH:
+                                break
+                    entries += n
+                    if n < CHECK_BATCH:
+                        break
+        except CORRUPTION as exc:
+            self.note_damage(exc)
+            raise
+        return entries, True
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -260,8 +317,9 @@ class MetadataStore:
             txn.put(key, _U64.pack(max(0, cur + delta)), db=self.meta)
 
     def _ensure_dir(self, txn: lmdb.Transaction, parts: list[str], seen: float,
-                    cache: dict[str, int]) -> int:
-        """Inode of the directory named by ``parts``, creating it (and its parents) as needed."""
+                    cache: dict[str, int], removed: list[int]) -> int:
+        """Inode of the directory named by ``parts``, creating it (and its parents) as needed.
+        A file in the way is removed and its inode appended to ``removed``."""
         parent = ROOT_INODE
         rel = ""
         for part in parts:
@@ -275,7 +333,7 @@ class MetadataStore:
             rec = self._child(txn, bytes(child)) if child else None
             if rec is not None and rec.kind is Kind.FILE:
                 # A key that is both an object and a prefix: the directory wins.
-                self._remove(txn, rec, [])
+                self._remove(txn, rec, removed)
                 rec = None
             if rec is None:
                 rec = Record(self._alloc(txn), Kind.DIR, parent, 0, 0, "", seen, 0.0, rel)
@@ -300,7 +358,7 @@ class MetadataStore:
                 if split is None:
                     result.skipped += 1
                     continue
-                self._ensure_dir(txn, split[0], seen, dirs)
+                self._ensure_dir(txn, split[0], seen, dirs, result.changed)
             for rel, size, etag, mtime in objects:
                 split = split_key(rel)
                 if split is None:
@@ -308,9 +366,9 @@ class MetadataStore:
                     continue
                 parts, is_marker = split
                 if is_marker:
-                    self._ensure_dir(txn, parts, seen, dirs)
+                    self._ensure_dir(txn, parts, seen, dirs, result.changed)
                     continue
-                parent = self._ensure_dir(txn, parts[:-1], seen, dirs)
+                parent = self._ensure_dir(txn, parts[:-1], seen, dirs, result.changed)
                 dkey = _U64.pack(parent) + encode_name(parts[-1])
                 child = txn.get(dkey, db=self.dirents)
                 mtime_ns = int(mtime * 1e9)
