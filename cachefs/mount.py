@@ -30,6 +30,7 @@ import trio
 
 from . import control, http, logs, metrics
 from .backends import create_backend
+from .cache import namespaces
 from .cache.prefetch import Prefetcher
 from .cache.store import DataCache
 from .cache.writer import Writer
@@ -228,7 +229,7 @@ class Daemon:
                 if writer is not None:
                     await nursery.start(writer.run)
                 nursery.start_soon(prefetcher.run)
-                nursery.start_soon(self._housekeeping, cache, meta)
+                nursery.start_soon(self._housekeeping, cache, meta, ns_dir)
                 if not checked:
                     nursery.start_soon(_check_index, meta)
                 nursery.start_soon(invalidations.run)
@@ -300,17 +301,32 @@ class Daemon:
         except Exception as exc:
             log.warning("initial listing failed: %s", exc)
 
-    async def _housekeeping(self, cache: DataCache, meta: MetadataStore) -> None:
-        last_sync = time.monotonic()
+    async def _housekeeping(self, cache: DataCache, meta: MetadataStore, ns_dir: str) -> None:
+        last_sync = last_touch = time.monotonic()
+        await self._reclaim(cache, ns_dir)
         while True:
             await trio.sleep(ATIME_FLUSH_INTERVAL)
             cache.flush_atimes()
+            if cache.disk_full:
+                await self._reclaim(cache, ns_dir)
+            if time.monotonic() - last_touch > namespaces.TOUCH_INTERVAL:
+                namespaces.touch(ns_dir)
+                last_touch = time.monotonic()
             if time.monotonic() - last_sync > SYNC_INTERVAL:
                 try:
                     await trio.to_thread.run_sync(meta.env.sync, True)
                 except (WriteError, OSError) as exc:  # a full disk must not stop the daemon
                     cache.index_write_failed(exc)
                 last_sync = time.monotonic()
+
+    async def _reclaim(self, cache: DataCache, ns_dir: str) -> None:
+        """Make room on the cache disk from namespaces unused for --reclaim-after (if needed)."""
+        need = max(0, cache.capacity - cache.used)
+        try:
+            await trio.to_thread.run_sync(namespaces.reclaim, self.cfg.cache_dir, ns_dir, need,
+                                          self.cfg.reclaim_after)
+        except OSError as exc:
+            log.warning("could not reclaim old cache namespaces: %s", exc)
 
     def _control_handler(self, core: CoreFS, prefetcher: Prefetcher) -> control.Handler:
         async def handle(req: dict[str, Any]) -> dict[str, Any]:
