@@ -31,6 +31,30 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+@dataclass(frozen=True)
+class Fraction:
+    """A cache size given as a share of the cache dir's filesystem ("90%")."""
+
+    share: float
+
+    def of(self, total: int) -> int:
+        return int(total * self.share)
+
+    def __str__(self) -> str:
+        return f"{self.share * 100:g}%"
+
+
+def parse_cache_size(text: str | int) -> int | Fraction:
+    """A size ('200G') or a percentage of the cache dir's filesystem ('90%')."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", str(text))
+    if m:
+        share = float(m.group(1)) / 100
+        if not 0 < share <= 1:
+            raise ValueError(f"a percentage of the disk must be in (0, 100]: {text!r}")
+        return Fraction(share)
+    return parse_size(text)
+
+
 def parse_duration(text: str | int | float) -> float:
     """'1h' -> 3600.0; a plain number is seconds."""
     if isinstance(text, int | float) and not isinstance(text, bool):
@@ -134,7 +158,9 @@ class Option:
 OPTIONS: list[Option] = [
     Option("cache-dir", str, "/var/cache/cachefs", "data cache and LMDB listing (one namespace per source)",
            metavar="DIR"),
-    Option("cache-size", parse_size, "10G", "capacity of the data cache, e.g. 500M, 200G", metavar="SIZE"),
+    Option("cache-size", parse_cache_size, "10G",
+           "capacity of the data cache, e.g. 500M, 200G, or 90%% of the cache dir's filesystem",
+           metavar="SIZE"),
     Option("cache-policy", _choice("stable", "lru"), "stable",
            "stable: keep a fixed subset when full (best for shuffled epochs); lru: evict least recently used"),
     Option("cache-idle-evict", parse_duration, 86400.0,
@@ -253,7 +279,7 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
         raise UsageError("missing SOURCE (e.g. s3://bucket/prefix); see cachefs mount --help")
     if not mountpoint:
         raise UsageError("missing MOUNTPOINT; see cachefs mount --help")
-    if values["cache_size"] <= 0:
+    if isinstance(values["cache_size"], int) and values["cache_size"] <= 0:
         raise UsageError("--cache-size must be larger than 0")
     # The daemon changes to / when it detaches: a relative cache dir must be resolved here.
     values["cache_dir"] = os.path.abspath(values["cache_dir"])

@@ -34,7 +34,7 @@ from .cache import namespaces
 from .cache.prefetch import Prefetcher
 from .cache.store import DataCache
 from .cache.writer import Writer
-from .config import MountConfig
+from .config import Fraction, MountConfig
 from .errors import BackendError, MountError, TemporaryFailure, UsageError
 from .fs import stack
 from .fs.adapter import CachefsOperations
@@ -124,6 +124,19 @@ def lock_namespace(ns_dir: str) -> int:
     return fd
 
 
+def cache_capacity(cache_dir: str, size: int | Fraction) -> int:
+    """The cache capacity in bytes: a size, or a share of the cache dir's filesystem. A size
+    larger than that filesystem is said at once: the cache disk is probably not mounted there
+    (a DaemonSet on a node without its SSD would fill the root disk)."""
+    st = os.statvfs(cache_dir)
+    total = st.f_blocks * st.f_frsize
+    capacity = size.of(total) if isinstance(size, Fraction) else size
+    if capacity > total:
+        log.warning("--cache-size %d is larger than the filesystem of %s (%d bytes): is the cache "
+                    "disk mounted there? The cache will fill that filesystem", capacity, cache_dir, total)
+    return capacity
+
+
 def control_socket_path(ns_dir: str) -> str:
     """The control socket: in the namespace, or, when that path is too long for a socket name,
     in a fresh private directory (0700, unpredictable name) under the temporary directory.
@@ -172,7 +185,8 @@ class Daemon:
         backend.timeout = timeout
 
         meta, checked = await _open_index(ns_dir)
-        cache = DataCache(ns_dir, meta, cfg.cache_size, cfg.cache_policy, cfg.cache_idle_evict)
+        cache = DataCache(ns_dir, meta, cache_capacity(cfg.cache_dir, cfg.cache_size), cfg.cache_policy,
+                          cfg.cache_idle_evict)
         files, size = meta.totals()
         metrics.listing_objects.set(files)
         metrics.listing_bytes.set(size)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +98,15 @@ def test_sizes_and_durations() -> None:
     assert config.parse_size("1.5MiB") == 3 << 19
     assert config.parse_duration("30m") == 1800
     assert config.parse_duration("0") == 0
+
+
+def test_cache_size_as_a_share_of_the_disk(tmp_path: Path) -> None:
+    from cachefs.config import Fraction, parse_cache_size
+    from cachefs.mount import cache_capacity
+
+    assert parse_cache_size("90%") == Fraction(0.9) and parse_cache_size("2G") == 2 << 30
+    for bad in ("0%", "101%", "-5%", "%"):
+        with pytest.raises(ValueError):
+            parse_cache_size(bad)
+    st = os.statvfs(tmp_path)
+    assert cache_capacity(str(tmp_path), Fraction(0.5)) == st.f_blocks * st.f_frsize // 2
