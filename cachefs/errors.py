@@ -11,6 +11,7 @@ so the rest of the daemon never imports boto3 or azure to catch something::
         ├── AccessDenied        credentials rejected or missing
         ├── ObjectChanged       the ETag we pinned a read to is gone
         └── TemporaryFailure    worth retrying: 5xx, throttling, resets, short bodies
+                                (``temporary_status``); any other refusal is a BackendError
             └── Unreachable     could not connect at all
 
 Messages are for users: one line, never a credential (see ``redact``).
@@ -57,6 +58,15 @@ class TemporaryFailure(BackendError):
 
 class Unreachable(TemporaryFailure):
     pass
+
+
+def temporary_status(status: int) -> bool:
+    """Whether an HTTP error status is worth retrying: 5xx but "not implemented" and "version not
+    supported", 408 (timeout), 409 (a conflicting operation in progress), 429 (throttled).
+    Any other 4xx refuses the request itself: the same request would be refused again."""
+    if status >= 500:
+        return status not in (501, 505)
+    return status in (408, 409, 429)
 
 
 # key=value pairs and URL query strings that look like secrets. Used on every message that

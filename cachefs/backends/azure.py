@@ -27,7 +27,16 @@ from azure.core import exceptions as azexc
 from azure.storage.blob import BlobBlock, BlobPrefix, BlobServiceClient
 from azure.storage.blob._generated.models import ModifiedAccessConditions
 
-from ..errors import AccessDenied, BackendError, NotFound, ObjectChanged, TemporaryFailure, Unreachable, UsageError
+from ..errors import (
+    AccessDenied,
+    BackendError,
+    NotFound,
+    ObjectChanged,
+    TemporaryFailure,
+    Unreachable,
+    UsageError,
+    temporary_status,
+)
 from ..source import Source
 from .base import Backend, ListPage, ObjectInfo
 
@@ -129,6 +138,8 @@ class AzureBackend(Backend):
                 return AccessDenied(f"{what}: access denied")
             if status == 412:
                 return ObjectChanged(f"{what}: object changed")
+            if status and not temporary_status(status):
+                return BackendError(f"{what}: refused by the store (HTTP {status})")
             return TemporaryFailure(f"{what}: HTTP {status}")
         if isinstance(exc, azexc.ServiceRequestError):
             return Unreachable(f"{what}: cannot connect to {self.endpoint}")

@@ -35,7 +35,15 @@ import botocore.exceptions
 import trio
 from botocore.config import Config
 
-from ..errors import AccessDenied, BackendError, NotFound, ObjectChanged, TemporaryFailure, Unreachable
+from ..errors import (
+    AccessDenied,
+    BackendError,
+    NotFound,
+    ObjectChanged,
+    TemporaryFailure,
+    Unreachable,
+    temporary_status,
+)
 from ..source import Source
 from .base import Backend, ListPage, ObjectInfo
 
@@ -52,6 +60,9 @@ _CHANGED = {"412", "PreconditionFailed"}
 # the same request cannot help.
 _PERMANENT = {"InvalidPart", "InvalidPartOrder", "EntityTooSmall", "EntityTooLarge", "InvalidRequest",
               "InvalidArgument", "KeyTooLongError", "MalformedXML", "InvalidStorageClass"}
+
+# obstore reports an HTTP error as text: "... Server returned non-2xx status code: 501 Not ..."
+_OBSTORE_STATUS = re.compile(r"status code: (\d{3})")
 
 MIN_PART_SIZE = 5 << 20  # S3 refuses smaller parts but for the last one (EntityTooSmall)
 MAX_PARTS = 10_000  # parts per multipart upload
@@ -101,6 +112,12 @@ def multipart_etag(tokens: list[str]) -> str | None:
     return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
+def _check_etag(key: str, want: str | None, got: str | None, if_match: bool) -> None:
+    """Without If-Match, a response of another version than the one pinned is a change."""
+    if want and not if_match and got is not None and got.strip('"') != want:
+        raise ObjectChanged(f"get {key!r}: object changed")
+
+
 class S3Backend(Backend):
     min_part_size = MIN_PART_SIZE
 
@@ -127,6 +144,8 @@ class S3Backend(Backend):
         if creds is not None:
             frozen = creds.get_frozen_credentials()
             self.secrets = tuple(s for s in (frozen.secret_key, frozen.token) if s)
+        #: False once the store refused an If-Match GET: versions are checked by response ETag
+        self.conditional_get = True
         self.data_path = os.environ.get("CACHEFS_S3_DATA_PATH", "obstore")
         self.store: Any = None
         if self.data_path == "obstore" and creds is not None:
@@ -162,8 +181,8 @@ class S3Backend(Backend):
                 return AccessDenied(f"{what}: access denied ({code or status})")
             if code in _CHANGED or status == "412":
                 return ObjectChanged(f"{what}: object changed")
-            if code in _PERMANENT:
-                return BackendError(f"{what}: refused by the store ({code})")
+            if code in _PERMANENT or (status.isdigit() and not temporary_status(int(status))):
+                return BackendError(f"{what}: refused by the store ({code or status})")
             return TemporaryFailure(f"{what}: {code or status or 'error'}")
         if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
             return AccessDenied(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/"
@@ -211,27 +230,49 @@ class S3Backend(Backend):
                           resp["LastModified"].timestamp())
 
     def _get_sync(self, key: str, start: int, length: int, etag: str | None) -> bytes:
+        if etag and self.conditional_get:
+            try:
+                return self._get_once(key, start, length, etag, if_match=True)
+            except BackendError as exc:
+                if type(exc) is not BackendError:  # not found, denied, changed, temporary
+                    raise
+                # Refused for what it is: a store without conditional GETs (If-Match) says
+                # 400 or 501. Read without it, and check each response's ETag instead.
+                self._get_once(key, start, min(length, 1), etag, if_match=False)
+                self.conditional_get = False
+                log.warning("%s refuses conditional GETs (%s); reading without If-Match and "
+                            "checking the ETag of every response instead", self.describe(), exc)
+        return self._get_once(key, start, length, etag, if_match=False)
+
+    def _get_once(self, key: str, start: int, length: int, etag: str | None, *, if_match: bool) -> bytes:
+        """One ranged GET, pinned to ``etag`` with If-Match (``if_match``) or by comparing the
+        response's ETag with it."""
         if self.store is not None:
-            data = self._get_obstore(key, start, length, etag)
-            if data is not None:
+            got = self._get_obstore(key, start, length, etag if if_match else None)
+            if got is not None:
+                data, got_etag = got
+                _check_etag(key, etag, got_etag, if_match)
                 return data
         kwargs: dict[str, Any] = {"Bucket": self.source.bucket, "Key": key,
                                   "Range": f"bytes={start}-{start + length - 1}"}
-        if etag:
+        if etag and if_match:
             kwargs["IfMatch"] = f'"{etag}"'
         resp = self._run(f"get {key!r}", self.client.get_object, **kwargs)
         try:
             body = resp["Body"]
             try:
-                return body.read()
+                data = body.read()
             finally:
                 body.close()
         except Exception as exc:  # the connection broke mid-body
             raise TemporaryFailure(f"get {key!r}: body interrupted ({type(exc).__name__})") from exc
+        _check_etag(key, etag, resp.get("ETag"), if_match)
+        return bytes(data)
 
-    def _get_obstore(self, key: str, start: int, length: int, etag: str | None) -> bytes | None:
-        """The bytes, or None for a key obstore cannot express (its paths drop a leading or
-        trailing "/" and refuse control characters, "." and ".." segments): boto3 gets those."""
+    def _get_obstore(self, key: str, start: int, length: int, etag: str | None) -> tuple[bytes, str | None] | None:
+        """The bytes and the response's ETag, or None for a key obstore cannot express (its
+        paths drop a leading or trailing "/" and refuse control characters, "." and ".."
+        segments): boto3 gets those."""
         import obstore
         from obstore import exceptions as obexc
 
@@ -241,7 +282,8 @@ class S3Backend(Backend):
         if etag:
             options["if_match"] = f'"{etag}"'
         try:
-            return bytes(obstore.get(self.store, key, options=options).bytes())  # type: ignore[arg-type]
+            result = obstore.get(self.store, key, options=options)  # type: ignore[arg-type]
+            return bytes(result.bytes()), result.meta.get("e_tag")
         except obexc.NotFoundError as exc:
             raise NotFound(f"get {key!r}: not found") from exc
         except obexc.PreconditionError as exc:
@@ -250,7 +292,10 @@ class S3Backend(Backend):
             raise AccessDenied(f"get {key!r}: access denied") from exc
         except (ValueError, obexc.InvalidPathError):
             return None  # "Could not parse path": not a network error, nothing to retry
-        except Exception as exc:  # connection errors, 5xx, throttling, bodies cut short
+        except Exception as exc:  # connection errors, HTTP errors, bodies cut short
+            status = _OBSTORE_STATUS.search(str(exc))
+            if status is not None and not temporary_status(int(status.group(1))):
+                raise BackendError(f"get {key!r}: refused by the store ({status.group(1)})") from exc
             raise TemporaryFailure(f"get {key!r}: {type(exc).__name__}") from exc
 
     # -- writes ---------------------------------------------------------------------------------
