@@ -26,6 +26,7 @@ from .reader import BlockReader, block_count, block_ref
 
 log = logging.getLogger(__name__)
 
+COUNT_CHECKPOINT = 1000  # files counted between two yields to the event loop
 QUEUE_DEPTH = 1024  # blocks handed to workers ahead of time; bounds memory, not the dataset
 
 
@@ -109,6 +110,8 @@ class Prefetcher:
         for rec in self._files(job):
             p.files_total += 1
             p.bytes_total += rec.size
+            if p.files_total % COUNT_CHECKPOINT == 0:
+                await trio.sleep(0)  # millions of files: let FUSE requests in
         metrics.prefetch_objects.labels("queued").inc(p.files_total)
         metrics.prefetch_bytes.labels("queued").inc(p.bytes_total)
         metrics.prefetch_pending.set(p.files_total)
