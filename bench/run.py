@@ -5,6 +5,7 @@ workload in one run, so that the ratios between them mean something on a shared,
 
     .venv/bin/python bench/run.py                  # defaults below (~15 min); writes bench/RESULTS.md
     .venv/bin/python bench/run.py --smoke          # a few hundred files, no peers, < 1 min (CI runs this)
+    .venv/bin/python bench/run.py --workload writes --out /tmp/w.md   # only the write phase (~5 min)
     .venv/bin/python bench/rss_listing.py --out bench/RESULTS.md   # then: daemon RSS with 1M objects
 
 Needs root (FUSE mounts, ``/proc/sys/vm/drop_caches``) and the tools of ``./install.sh --test``
@@ -26,10 +27,20 @@ starting with an empty cache on a fresh mount:
 (c) epochs: every file read in a new shuffled order by ``--readers`` processes; epoch 1 cold
     (page cache dropped first), the rest warm;
 (d) one sequential read of the large file, cold (page cache dropped first; for cachefs+prefetch it
-    comes from the local cache the prefetch filled).
-Every read's blake2b is checked against the one recorded at generation: a mismatch fails the run
-(exit 1). The daemon's CPU seconds per phase (utime + stime of the FUSE daemon process, from
-``/proc/PID/stat``) and its peak / final RSS (VmHWM / VmRSS) are reported.
+    comes from the local cache the prefetch filled);
+(e) writes, on a fresh read-write mount of an empty bucket of its own (cachefs ``--read-write``,
+    s3fs, rclone ``--vfs-cache-mode writes``; not native, not cachefs+prefetch): one ``--write-mb``
+    MiB file written in 1 MiB ``write()`` calls then closed ("write large"), then ``--write-files``
+    files of ~``--mean-kb`` KB, each opened, written and closed, by ``--writers`` threads ("write
+    small"). Each is timed from the first write until every ``close`` returned, which for cachefs
+    and s3fs means the data is in the bucket (the run fails if the store then lacks an object or
+    has it short); rclone uploads after ``close``, so its clock runs until a listing of the store
+    shows every object with its full size.
+Every read's blake2b is checked against the one recorded at generation, and every object written
+is read back straight from the store and compared byte for byte: a mismatch fails the run (exit 1).
+The daemon's CPU seconds per phase (utime + stime of the FUSE daemon process, from
+``/proc/PID/stat``) and its peak / final RSS (VmHWM / VmRSS) are reported; for the write mount, its
+peak RSS (VmHWM of a daemon that only ever wrote).
 
 Every mount is unmounted and every process this script started is stopped by its PID, also on
 failure or SIGTERM; the run fails if a FUSE mount of its own is left in ``/proc/mounts``.
@@ -56,6 +67,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -69,11 +81,17 @@ STOP_TIMEOUT = 20.0  # SIGTERM to SIGKILL for a daemon or the proxy
 UPLOAD_WORKERS = 32
 LOGNORMAL_SIGMA = 0.6  # spread of file sizes (ImageNet JPEGs: most 50-200 KB, a long tail)
 READ_CHUNK = 8 << 20  # the large file is read in 8 MiB read() calls
+WRITE_CHUNK = 1 << 20  # the large file is written in 1 MiB write() calls (torch.save's pattern)
+WRITE_DIRS = 10  # folders the small files are written into (made before the clock starts)
+LAND_POLL = 0.1  # seconds between listings while waiting for rclone's uploads after close
+WRITERS = ("cachefs", "s3fs", "rclone")  # the filesystems that run the write phase
+WRITE_RSS_TARGET_MB = 300  # issue 8: the daemon's RSS stays under this while writing, whatever the file size
 # RESULTS.md from this line on is not this script's: bench/rss_listing.py's section and notes on
 # the run; a new run keeps it as it is.
 KEEP_MARKER = "<!-- Not written by bench/run.py: a new run keeps what follows. -->"
 SMOKE = {"files": 300, "classes": 10, "large_mb": 16, "rtt_ms": 2.0, "epochs": 2,
-         "only": "native,cachefs,cachefs+prefetch"}
+         "only": "native,cachefs,cachefs+prefetch",
+         "write_mb": 20, "write_files": 40}  # 20 MiB: two full 8 MiB multipart parts and a short one
 
 
 class PhaseTimeout(Exception):
@@ -95,17 +113,22 @@ class Dataset:
         return sum(self.sizes.values())
 
 
+def random_file(rng: random.Random, mean_kb: float) -> bytes:
+    """Random bytes of a log-normal size whose mean is mean_kb."""
+    scale = mean_kb * 1000 / (2.718281828 ** (LOGNORMAL_SIGMA ** 2 / 2))
+    return rng.randbytes(max(1, int(rng.lognormvariate(0, LOGNORMAL_SIGMA) * scale)))
+
+
 def make_dataset(root: Path, n: int, classes: int, mean_kb: float, large_mb: int, seed: int = 1) -> Dataset:
     """Write the dataset under root (this copy is also the native-disk filesystem)."""
     rng = random.Random(seed)
-    scale = mean_kb * 1000 / (2.718281828 ** (LOGNORMAL_SIGMA ** 2 / 2))  # so that the mean is mean_kb
     files: dict[str, str] = {}
     sizes: dict[str, int] = {}
     for c in range(classes):
         (root / "train" / f"n{c:05d}").mkdir(parents=True, exist_ok=True)
     for i in range(n):
         rel = f"train/n{i % classes:05d}/img_{i:07d}.JPEG"
-        data = rng.randbytes(max(1, int(rng.lognormvariate(0, LOGNORMAL_SIGMA) * scale)))
+        data = random_file(rng, mean_kb)
         (root / rel).write_bytes(data)
         files[rel] = hashlib.blake2b(data).hexdigest()
         sizes[rel] = len(data)
@@ -136,6 +159,104 @@ def upload(server: Server, root: Path, ds: Dataset) -> None:
             pass
     client.upload_file(str(root / ds.large), BUCKET, ds.large,
                        Config=TransferConfig(multipart_chunksize=64 << 20, max_concurrency=8))
+
+
+# -- the write workload -----------------------------------------------------------------------
+
+WRITE_LARGE = "large/checkpoint.pt"
+CHUNK_STRIDE = 4099  # odd: chunk i starts at i * 4099 mod 1 MiB of the pool, distinct for i < 2**20
+
+
+@dataclass
+class WriteSet:
+    """What the write phase writes: one large file of 1 MiB chunks and many small files."""
+
+    large_mb: int
+    pool: bytes  # 2 MiB of random bytes; each chunk of the large file is a window of it
+    small: dict[str, bytes]  # relative path -> content
+    large_hash: str = ""
+
+    def large_chunks(self) -> Iterator[memoryview]:
+        """No two chunks are equal, so a part stored at the wrong offset changes the hash."""
+        view = memoryview(self.pool)
+        for i in range(self.large_mb):
+            off = i * CHUNK_STRIDE % WRITE_CHUNK
+            yield view[off:off + WRITE_CHUNK]
+
+    def expected(self, large: bool) -> dict[str, int]:
+        """Key -> size of the objects the large or the small phase writes."""
+        return {WRITE_LARGE: self.large_mb * WRITE_CHUNK} if large else {k: len(v) for k, v in self.small.items()}
+
+
+def make_writes(n: int, mean_kb: float, large_mb: int, seed: int = 2) -> WriteSet:
+    rng = random.Random(seed)
+    small = {f"small/d{i % WRITE_DIRS:02d}/f_{i:05d}.bin": random_file(rng, mean_kb) for i in range(n)}
+    ws = WriteSet(large_mb, rng.randbytes(2 * WRITE_CHUNK), small)
+    h = hashlib.blake2b()
+    for chunk in ws.large_chunks():
+        h.update(chunk)
+    ws.large_hash = h.hexdigest()
+    return ws
+
+
+def write_large(mnt: Path, ws: WriteSet) -> None:
+    with open(mnt / WRITE_LARGE, "wb", buffering=0) as f:
+        for chunk in ws.large_chunks():
+            if f.write(chunk) != len(chunk):
+                raise SystemExit(f"short write to {mnt / WRITE_LARGE}")
+
+
+def write_small(mnt: Path, ws: WriteSet, writers: int) -> None:
+    def put(rel: str) -> None:
+        with open(mnt / rel, "wb") as f:
+            f.write(ws.small[rel])
+
+    with ThreadPoolExecutor(writers) as pool:
+        for _ in pool.map(put, ws.small):
+            pass
+
+
+def missing(client: Any, bucket: str, expect: dict[str, int]) -> list[str]:
+    """The keys of expect that a listing of the store does not show with their full size."""
+    have: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        have.update((o["Key"], o["Size"]) for o in page.get("Contents", []))
+    return [k for k, size in expect.items() if have.get(k) != size]
+
+
+def timed_write(write: Callable[[], None], client: Any, bucket: str, expect: dict[str, int],
+                durable_at_close: bool) -> tuple[float, int, int]:
+    """Time write() until its data is in the store: until it returned (every close returned) if
+    the filesystem makes close durable, which is then checked; else until a listing shows every
+    object with its full size."""
+    start = time.perf_counter()
+    write()
+    closed = time.perf_counter() - start
+    while absent := missing(client, bucket, expect):
+        if durable_at_close:
+            raise SystemExit(f"NOT DURABLE: close returned, but {len(absent)} object(s) are missing or short in "
+                             f"bucket {bucket}, e.g. {absent[:3]}")
+        time.sleep(LAND_POLL)
+    return (closed if durable_at_close else time.perf_counter() - start), len(expect), sum(expect.values())
+
+
+def check_written(client: Any, bucket: str, ws: WriteSet) -> int:
+    """Read every written object straight from the store and compare it with what was written."""
+    h = hashlib.blake2b()
+    body = client.get_object(Bucket=bucket, Key=WRITE_LARGE)["Body"]
+    while chunk := body.read(READ_CHUNK):
+        h.update(chunk)
+    if h.hexdigest() != ws.large_hash:
+        raise SystemExit(f"CONTENT MISMATCH: {WRITE_LARGE} in bucket {bucket}")
+
+    def same(rel: str) -> bool:
+        return bool(client.get_object(Bucket=bucket, Key=rel)["Body"].read() == ws.small[rel])
+
+    with ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
+        bad = [rel for rel, ok in zip(ws.small, pool.map(same, ws.small), strict=True) if not ok]
+    if bad:
+        raise SystemExit(f"CONTENT MISMATCH: {len(bad)} small file(s) in bucket {bucket}, e.g. {bad[:3]}")
+    return 1 + len(ws.small)
 
 
 # -- processes: the proxy, peers' daemons -----------------------------------------------------
@@ -305,6 +426,21 @@ def sequential(mnt: Path, ds: Dataset) -> tuple[float, int, int]:
     return elapsed, 1, ds.large_size
 
 
+def run_phase(res: Result, m: Mount, phase: str, fn: Callable[[], tuple[float, int, int]], timeout: float,
+              proxy_pids: list[int], checks: int = 0) -> None:
+    """Run one phase under the hung-mount deadline; record its time, counts and the CPU the FUSE
+    daemon and the proxy spent in it, and print a line."""
+    c0, p0 = proc_cpu(m.pids), proc_cpu(proxy_pids)
+    with deadline(timeout, f"{res.fs}: {phase}"):
+        secs, files, nbytes = fn()
+    p = res.phases[phase] = Phase(phase, secs, files, nbytes, proc_cpu(m.pids) - c0 if m.pids else None,
+                                  proc_cpu(proxy_pids) - p0)
+    res.checked += checks
+    cpu = "" if p.cpu is None else f"  daemon CPU {p.cpu:6.1f} s"
+    print(f"   {phase:<17} {secs:8.2f} s {p.files_per_s():9.0f} files/s {p.mb_per_s():8.1f} MB/s{cpu}"
+          f"  proxy CPU {p.proxy_cpu:5.1f} s", flush=True)
+
+
 @dataclass
 class Phase:
     name: str
@@ -330,6 +466,10 @@ class Result:
     rss_end: int = 0
     checked: int = 0  # reads whose hash matched
     load: float = 0.0  # 1-minute load average when this filesystem's run started
+    write_tuning: str = ""  # how its read-write mount was run, if it ran the write phase
+    write_rss_peak: int = 0  # VmHWM of the read-write mount's daemon
+    write_load: float = 0.0
+    written: int = 0  # objects written through the mount, read back from the store and equal
 
 
 # -- filesystems ------------------------------------------------------------------------------
@@ -378,11 +518,13 @@ CACHEFS_OPTIONS = ["--cache-size", "100G"]
 
 
 @contextlib.contextmanager
-def mount_cachefs(work: Path, endpoint: str, env: dict[str, str], prefetch: bool) -> Iterator[Mount]:
+def mount_cachefs(work: Path, endpoint: str, env: dict[str, str], prefetch: bool = False, bucket: str = BUCKET,
+                  write: bool = False) -> Iterator[Mount]:
     mnt, cache = work / "mnt", work / "cache"
     mnt.mkdir(parents=True)
-    subprocess.run(cachefs_cmd("mount", f"s3://{BUCKET}", str(mnt), "--endpoint-url", endpoint,
-                               "--cache-dir", str(cache), *CACHEFS_OPTIONS), env=env, check=True)
+    rw = ["--read-write"] if write else []
+    subprocess.run(cachefs_cmd("mount", f"s3://{bucket}", str(mnt), "--endpoint-url", endpoint,
+                               "--cache-dir", str(cache), *rw, *CACHEFS_OPTIONS), env=env, check=True)
     pid = None
     try:
         status = json.loads(subprocess.run(cachefs_cmd("status", "--json", str(mnt)), env=env, check=True,
@@ -406,6 +548,7 @@ def mount_cachefs(work: Path, endpoint: str, env: dict[str, str], prefetch: bool
 S3FS_OPTIONS = ["use_path_request_style", "parallel_count=16", "multireq_max=32", "stat_cache_expire=3600",
                 "max_stat_cache_size=200000", "enable_noobj_cache", "kernel_cache", "entry_timeout=3600",
                 "attr_timeout=3600", "ro"]
+S3FS_WRITE_OPTIONS = [o for o in S3FS_OPTIONS if o != "ro"]
 
 
 def _run_peer(cmd: list[str], mnt: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[Mount]:
@@ -421,24 +564,32 @@ def _run_peer(cmd: list[str], mnt: Path, log: Path, env: dict[str, str] | None =
 
 
 @contextlib.contextmanager
-def mount_s3fs(work: Path, endpoint: str, env: dict[str, str]) -> Iterator[Mount]:
+def mount_s3fs(work: Path, endpoint: str, env: dict[str, str], bucket: str = BUCKET,
+               write: bool = False) -> Iterator[Mount]:
     mnt, cache = work / "mnt", work / "cache"
     mnt.mkdir(parents=True)
     cache.mkdir()
     passwd = work / "passwd"
     passwd.write_text(f"{env['AWS_ACCESS_KEY_ID']}:{env['AWS_SECRET_ACCESS_KEY']}\n")
     passwd.chmod(0o600)
-    opts = [f"url={endpoint}", f"passwd_file={passwd}", f"use_cache={cache}", *S3FS_OPTIONS]
-    yield from _run_peer(["s3fs", BUCKET, str(mnt), "-f", "-o", ",".join(opts)], mnt, work / "s3fs.log")
+    opts = [f"url={endpoint}", f"passwd_file={passwd}", f"use_cache={cache}",
+            *(S3FS_WRITE_OPTIONS if write else S3FS_OPTIONS)]
+    yield from _run_peer(["s3fs", bucket, str(mnt), "-f", "-o", ",".join(opts)], mnt, work / "s3fs.log")
 
 
 RCLONE_OPTIONS = ["--read-only", "--vfs-cache-mode", "full", "--vfs-cache-max-size", "100G",
                   "--transfers", "32", "--checkers", "32", "--buffer-size", "16M", "--dir-cache-time", "1h",
                   "--attr-timeout", "1h", "--vfs-read-chunk-size", "4M", "--vfs-read-ahead", "32M", "--no-modtime"]
+# --vfs-write-back 0s: upload at close, not 5 s later (the default would add 5 s to each write
+# timing); multipart uploads 8 x 8 MiB parts at once, as cachefs does (rclone's default: 4 x 5 MiB).
+RCLONE_WRITE_OPTIONS = ["--vfs-cache-mode", "writes", "--vfs-write-back", "0s", "--transfers", "32",
+                        "--checkers", "32", "--s3-upload-concurrency", "8", "--s3-chunk-size", "8M",
+                        "--dir-cache-time", "1h", "--attr-timeout", "1h", "--no-modtime"]
 
 
 @contextlib.contextmanager
-def mount_rclone(work: Path, endpoint: str, env: dict[str, str]) -> Iterator[Mount]:
+def mount_rclone(work: Path, endpoint: str, env: dict[str, str], bucket: str = BUCKET,
+                 write: bool = False) -> Iterator[Mount]:
     mnt, cache = work / "mnt", work / "cache"
     mnt.mkdir(parents=True)
     renv = {k: v for k, v in env.items() if k != "AWS_CA_BUNDLE"}  # rclone refuses an unusable CA file
@@ -447,7 +598,8 @@ def mount_rclone(work: Path, endpoint: str, env: dict[str, str]) -> Iterator[Mou
                  "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"],
                  "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
                  "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true", "RCLONE_CONFIG": str(work / "none.conf")})
-    cmd = ["rclone", "mount", f"bench:{BUCKET}", str(mnt), "--cache-dir", str(cache), *RCLONE_OPTIONS]
+    cmd = ["rclone", "mount", f"bench:{bucket}", str(mnt), "--cache-dir", str(cache),
+           *(RCLONE_WRITE_OPTIONS if write else RCLONE_OPTIONS)]
     yield from _run_peer(cmd, mnt, work / "rclone.log", renv)
 
 
@@ -464,6 +616,11 @@ TUNING = {
     "s3fs": f"`-o use_cache=DIR,{','.join(S3FS_OPTIONS)}`",
     "rclone": f"`{' '.join(RCLONE_OPTIONS)}`; S3 provider Other via RCLONE_CONFIG_BENCH_* variables",
 }
+WRITE_TUNING = {
+    "cachefs": f"`--read-write {' '.join(CACHEFS_OPTIONS)}`",
+    "s3fs": f"`-o use_cache=DIR,{','.join(S3FS_WRITE_OPTIONS)}`",
+    "rclone": f"`{' '.join(RCLONE_WRITE_OPTIONS)}`",
+}
 
 
 def run_fs(name: str, mount: Mounter, ds: Dataset, args: argparse.Namespace, proxy_pids: list[int]) -> Result:
@@ -472,15 +629,7 @@ def run_fs(name: str, mount: Mounter, ds: Dataset, args: argparse.Namespace, pro
     drop_caches()
     with mount() as m:
         def timed(phase: str, fn: Callable[[], tuple[float, int, int]], checks: int = 0) -> None:
-            c0, p0 = proc_cpu(m.pids), proc_cpu(proxy_pids)
-            with deadline(args.phase_timeout, f"{name}: {phase}"):
-                secs, files, nbytes = fn()
-            p = res.phases[phase] = Phase(phase, secs, files, nbytes, proc_cpu(m.pids) - c0 if m.pids else None,
-                                          proc_cpu(proxy_pids) - p0)
-            res.checked += checks
-            cpu = "" if p.cpu is None else f"  daemon CPU {p.cpu:6.1f} s"
-            print(f"   {phase:<17} {secs:8.2f} s {p.files_per_s():9.0f} files/s {p.mb_per_s():8.1f} MB/s{cpu}"
-                  f"  proxy CPU {p.proxy_cpu:5.1f} s", flush=True)
+            run_phase(res, m, phase, fn, args.phase_timeout, proxy_pids, checks)
 
         timed("index cold", lambda: index(m.path, ds))
         timed("index warm", lambda: index(m.path, ds))
@@ -503,49 +652,85 @@ def run_fs(name: str, mount: Mounter, ds: Dataset, args: argparse.Namespace, pro
     return res
 
 
+def run_writes(res: Result, mount: Mounter, ws: WriteSet, args: argparse.Namespace, proxy_pids: list[int],
+               client: Any, bucket: str) -> None:
+    """The write phase on a fresh read-write mount of an empty bucket; then every object written
+    is read back from the store and compared."""
+    print(f"== {res.fs}: writes (load average {os.getloadavg()[0]:.1f})", flush=True)
+    res.write_tuning, res.write_load = WRITE_TUNING[res.fs], os.getloadavg()[0]
+    durable = res.fs != "rclone"  # rclone uploads after close
+    drop_caches()
+    with mount() as m:
+        for d in {str(Path(p).parent) for p in [WRITE_LARGE, *ws.small]}:
+            (m.path / d).mkdir(parents=True, exist_ok=True)
+        run_phase(res, m, "write large", lambda: timed_write(
+            lambda: write_large(m.path, ws), client, bucket, ws.expected(large=True), durable),
+            args.phase_timeout, proxy_pids)
+        run_phase(res, m, "write small", lambda: timed_write(
+            lambda: write_small(m.path, ws, args.writers), client, bucket, ws.expected(large=False), durable),
+            args.phase_timeout, proxy_pids)
+        res.write_rss_peak = proc_rss(m.pids)[0]
+    res.written += check_written(client, bucket, ws)
+    print(f"   daemon RSS peak {res.write_rss_peak / 1e6:.0f} MB; {res.written} objects read back from the "
+          "store, every byte equal", flush=True)
+
+
 # -- report -----------------------------------------------------------------------------------
 
 def phase_rank(ph: str) -> tuple[int, str]:
-    """The order phases run in: index, prefetch, epochs, large file."""
-    for rank, prefix in enumerate(("index cold", "index warm", "prefetch", "epoch", "large")):
+    """The order phases run in: index, prefetch, epochs, large file, writes."""
+    for rank, prefix in enumerate(("index cold", "index warm", "prefetch", "epoch", "large", "write large",
+                                   "write small")):
         if ph.startswith(prefix):
             return rank, ph
     return 9, ph
 
 
 def speed(r: Result, ph: str) -> float:
-    """Higher is better: files/s, MB/s for the large file, 1/seconds for the index."""
+    """Higher is better: files/s, MB/s for the large file (read or written), 1/seconds for the index."""
     p = r.phases[ph]
     if ph.startswith("index"):
         return 1 / p.seconds
-    return p.mb_per_s() if ph.startswith("large") else p.files_per_s()
+    return p.mb_per_s() if ph.startswith(("large", "write large")) else p.files_per_s()
 
 
-def targets(by: dict[str, Result]) -> list[tuple[str, float, float]]:
-    """(target, measured ratio, required ratio) for every target the run can check."""
+def targets(by: dict[str, Result]) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for every target the run can check."""
     peers = [by[p] for p in ("s3fs", "rclone") if p in by]
     c, cp, nat = by.get("cachefs"), by.get("cachefs+prefetch"), by.get("native")
     if not peers or c is None:
         return []
+    out: list[tuple[str, str, bool]] = []
 
-    def best(ph: str) -> float:
-        return max(speed(p, ph) for p in peers)
+    def sp(r: Result | None, ph: str) -> float | None:
+        return speed(r, ph) if r is not None and ph in r.phases else None
+
+    def best(ph: str) -> float | None:
+        return max((v for p in peers if (v := sp(p, ph)) is not None), default=None)
+
+    def check(target: str, r: Result | None, ph: str, other: float | None, need: float) -> None:
+        mine = sp(r, ph)
+        if mine is not None and other:
+            out.append((target, f"{mine / other:.2f}x", mine / other >= need))
 
     cold = "epoch 1 (cold)"
+    for peer, need in (("s3fs", 10), ("rclone", 3)):
+        check(f"cold epoch with prefetch >= {need}x {peer}", cp, cold, sp(by.get(peer), cold), need)
+    check("cold epoch without prefetch >= better peer", c, cold, best(cold), 1)
     warm = [ph for ph in c.phases if ph.endswith("(warm)")]
-    out: list[tuple[str, float, float]] = []
-    if cp is not None:
-        for peer, need in (("s3fs", 10), ("rclone", 3)):
-            if peer in by:
-                out.append((f"cold epoch with prefetch >= {need}x {peer}", speed(cp, cold) / speed(by[peer], cold),
-                            need))
-    out.append(("cold epoch without prefetch >= better peer", speed(c, cold) / best(cold), 1))
-    out += [(f"{ph} >= 2x better peer", speed(c, ph) / best(ph), 2) for ph in warm]
-    if nat is not None:
-        out += [(f"{ph} >= 0.5x native", speed(c, ph) / speed(nat, ph), 0.5) for ph in warm]
-        out.append(("index warm time <= 2x native", speed(c, "index warm") / speed(nat, "index warm"), 0.5))
-    out.append(("index cold >= 5x faster than better peer", speed(c, "index cold") / best("index cold"), 5))
-    out.append(("large sequential cold >= 2x better peer", speed(c, "large seq (cold)") / best("large seq (cold)"), 2))
+    for ph in warm:
+        check(f"{ph} >= 2x better peer", c, ph, best(ph), 2)
+    for ph in warm:
+        check(f"{ph} >= 0.5x native", c, ph, sp(nat, ph), 0.5)
+    check("index warm time <= 2x native", c, "index warm", sp(nat, "index warm"), 0.5)
+    check("index cold >= 5x faster than better peer", c, "index cold", best("index cold"), 5)
+    check("large sequential cold >= 2x better peer", c, "large seq (cold)", best("large seq (cold)"), 2)
+    check("large-file write >= 2x s3fs", c, "write large", sp(by.get("s3fs"), "write large"), 2)
+    check("large-file write >= better peer", c, "write large", best("write large"), 1)
+    check("small-file writes >= 2x better peer", c, "write small", best("write small"), 2)
+    if c.write_rss_peak:
+        out.append((f"cachefs daemon RSS peak while writing < {WRITE_RSS_TARGET_MB} MB",
+                    f"{c.write_rss_peak / 1e6:.0f} MB", c.write_rss_peak < WRITE_RSS_TARGET_MB * 1e6))
     return out
 
 
@@ -556,12 +741,28 @@ def table(results: list[Result], phases: list[str], cell: Callable[[Result, str]
     return lines
 
 
-def report(results: list[Result], args: argparse.Namespace, ds: Dataset, command: str) -> str:
+def report(results: list[Result], args: argparse.Namespace, ds: Dataset | None, ws: WriteSet | None,
+           command: str) -> str:
     by = {r.fs: r for r in results}
     phases = sorted({ph for r in results for ph in r.phases}, key=phase_rank)
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    mean_kb = ds.total_bytes / len(ds.files) / 1000
     checked = sum(r.checked for r in results)
+    written = sum(r.written for r in results)
+    what = []
+    if ds is not None:
+        what.append(f"Dataset: {len(ds.files)} files in {args.classes} class folders, log-normal sizes, mean "
+                    f"{ds.total_bytes / len(ds.files) / 1000:.0f} KB ({ds.total_bytes / 1e9:.2f} GB), plus one "
+                    f"{ds.large_size >> 20} MiB file; {args.readers} reader processes per epoch  ")
+    if ws is not None:
+        small = sum(map(len, ws.small.values()))
+        what.append(f"Writes: one {ws.large_mb} MiB file in 1 MiB writes, then {len(ws.small)} files (mean "
+                    f"{small / max(1, len(ws.small)) / 1000:.0f} KB, {small / 1e6:.0f} MB) by {args.writers} writer "
+                    "threads, on a fresh read-write mount of an empty bucket per filesystem  ")
+    done = []
+    if ds is not None:
+        done.append(f"{checked} reads, every one's blake2b equal to the one recorded at generation")
+    if written:
+        done.append(f"{written} objects written through the mounts read back from the store, every byte equal")
     lines = [
         "# cachefs benchmark results", "",
         f"Command: `{command}`  ",
@@ -570,34 +771,42 @@ def report(results: list[Result], args: argparse.Namespace, ds: Dataset, command
         f"Linux {platform.release()}, Python {platform.python_version()}  ",
         f"Store: SeaweedFS `weed mini` on 127.0.0.1 behind the latency proxy (cachefs.testing.proxy, its own "
         f"process) adding {args.rtt_ms:g} ms per round trip; page cache dropped before each cold phase  ",
-        f"Dataset: {len(ds.files)} files in {args.classes} class folders, log-normal sizes, mean {mean_kb:.0f} KB "
-        f"({ds.total_bytes / 1e9:.2f} GB), plus one {ds.large_size >> 20} MiB file; {args.readers} reader "
-        "processes per epoch  ",
-        f"Checked: {checked} reads, every one's blake2b equal to the one recorded at generation", "",
+        *what, "Checked: " + "; ".join(done), "",
         "## Throughput", "",
-        "files/s (MB/s); the large file in MB/s; index: seconds for `os.walk` + `stat` of every file. The last "
-        f"row is the 1-minute load average when each filesystem's run began: on {os.cpu_count()} cores, more than "
-        "that means other work on the host competed with it.", "",
+        "files/s (MB/s); the large file in MB/s; index: seconds for `os.walk` + `stat` of every file. Writes "
+        "are timed from the first `write` until the data is in the bucket: until every `close` returned "
+        "(cachefs, s3fs), or until a listing of the store showed every object with its full size (rclone, "
+        "which uploads after `close`). The last rows are the 1-minute load average when each filesystem's "
+        f"run began: on {os.cpu_count()} cores, more than that means other work on the host competed with it.", "",
     ]
 
     def throughput(r: Result, ph: str) -> str:
         p = r.phases[ph]
         if ph.startswith("index"):
             return f"{p.seconds:.2f} s"
-        if ph.startswith("large"):
+        if ph.startswith(("large", "write large")):
             return f"{p.mb_per_s():.0f} MB/s"
         if ph == "prefetch":
             return f"{p.seconds:.1f} s: {p.files_per_s():.0f} ({p.mb_per_s():.0f} MB/s)"
         return f"{p.files_per_s():.0f} ({p.mb_per_s():.0f} MB/s)"
 
     lines += table(results, phases, throughput)
-    lines.append("| load average at start | " + " | ".join(f"{r.load:.1f}" for r in results) + " |")
+    if ds is not None:
+        lines.append("| load average at start | " + " | ".join(f"{r.load:.1f}" for r in results) + " |")
+    if ws is not None:
+        lines.append("| load average at writes start | " + " | ".join(
+            f"{r.write_load:.1f}" if r.write_tuning else "—" for r in results) + " |")
     daemons = [r for r in results if r.fs != "native"]
     lines += ["", "## Daemon CPU seconds per phase, and memory", "",
-              "utime + stime of the FUSE daemon process during the phase; RSS is VmHWM / VmRSS at the end.", ""]
+              "utime + stime of the FUSE daemon process during the phase; RSS is VmHWM / VmRSS at the end of the "
+              "reads; the write mount's is its VmHWM (a daemon that only wrote).", ""]
     lines += table(daemons, phases, lambda r, ph: "—" if r.phases[ph].cpu is None else f"{r.phases[ph].cpu:.1f}")
-    lines.append("| RSS peak / end (MB) | " + " | ".join(f"{r.rss_peak / 1e6:.0f} / {r.rss_end / 1e6:.0f}"
-                                                      for r in daemons) + " |")
+    if ds is not None:
+        lines.append("| RSS peak / end (MB) | " + " | ".join(f"{r.rss_peak / 1e6:.0f} / {r.rss_end / 1e6:.0f}"
+                                                          for r in daemons) + " |")
+    if ws is not None:
+        lines.append("| RSS peak, write mount (MB) | " + " | ".join(
+            f"{r.write_rss_peak / 1e6:.0f}" if r.write_tuning else "—" for r in daemons) + " |")
     lines.append("| proxy CPU, all phases (s) | " + " | ".join(
         f"{sum(p.proxy_cpu for p in r.phases.values()):.1f}" for r in daemons) + " |")
     for r in results:
@@ -616,8 +825,10 @@ def report(results: list[Result], args: argparse.Namespace, ds: Dataset, command
                   "cachefs is the mount without prefetch unless the target says otherwise; \"better peer\" is the "
                   "faster of s3fs and rclone in that phase.", "",
                   "| target | measured | met |", "|---|---|---|"]
-        lines += [f"| {t} | {m:.2f}x | {'yes' if m >= need else '**no**'} |" for t, m, need in checks]
-    lines += ["", "## How each filesystem was run", "", *[f"- {r.fs}: {r.tuning}" for r in results], ""]
+        lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in checks]
+    lines += ["", "## How each filesystem was run", "",
+              *[f"- {r.fs}: {r.tuning}" for r in results if ds is not None],
+              *[f"- {r.fs}, writes: {r.write_tuning}" for r in results if r.write_tuning], ""]
     return "\n".join(lines)
 
 
@@ -637,10 +848,16 @@ def main() -> int:
     ap.add_argument("--rtt-ms", type=float, default=20.0, help="latency the proxy adds per round trip (default 20)")
     ap.add_argument("--readers", type=int, default=8, help="reader processes per epoch (default 8)")
     ap.add_argument("--epochs", type=int, default=3, help="epochs; the first is cold (default 3)")
+    ap.add_argument("--write-mb", type=int, default=2048, help="size of the large file written in MiB (default 2048)")
+    ap.add_argument("--write-files", type=int, default=2000,
+                    help="small files written, of ~--mean-kb KB (default 2000)")
+    ap.add_argument("--writers", type=int, default=8, help="threads writing the small files (default 8)")
+    ap.add_argument("--workload", choices=("all", "reads", "writes"), default="all",
+                    help="reads: phases (a)-(d); writes: the write phase (e) only, no dataset (default all)")
     ap.add_argument("--only", default="native,cachefs,cachefs+prefetch,s3fs,rclone",
                     help="comma-separated filesystems to run, in this order (default: all five)")
     ap.add_argument("--smoke", action="store_true",
-                    help="300 files, 16 MiB large file, 2 ms RTT, 2 epochs, no peers (CI)")
+                    help="300 files, 16 MiB large file, 20 MiB + 40 files written, 2 ms RTT, 2 epochs, no peers (CI)")
     ap.add_argument("--phase-timeout", type=float, default=3600, help="seconds before a phase counts as hung")
     ap.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"), help="report file (default bench/RESULTS.md)")
     ap.add_argument("--work", default=None, help="work directory (default: a new temporary one, removed after)")
@@ -664,12 +881,17 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        print(f"generating {args.files} files + {args.large_mb} MiB in {work}", flush=True)
-        ds = make_dataset(work / "native", args.files, args.classes, args.mean_kb, args.large_mb)
+        ds = ws = None
+        if args.workload != "writes":
+            print(f"generating {args.files} files + {args.large_mb} MiB in {work}", flush=True)
+            ds = make_dataset(work / "native", args.files, args.classes, args.mean_kb, args.large_mb)
+        if args.workload != "reads" and set(chosen) & set(WRITERS):
+            ws = make_writes(args.write_files, args.mean_kb, args.write_mb)
         with seaweed_server() as server:
-            upload(server, work / "native", ds)
-            print(f"generated and uploaded {ds.total_bytes / 1e9:.2f} GB + {args.large_mb} MiB in "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            if ds is not None:
+                upload(server, work / "native", ds)
+                print(f"generated and uploaded {ds.total_bytes / 1e9:.2f} GB + {args.large_mb} MiB in "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
             with latency_proxy(server.address, args.rtt_ms, work / "proxy.log") as (url, proxy):
                 print(f"proxy {url} -> {server.endpoint_url}, +{args.rtt_ms:g} ms per round trip", flush=True)
                 env = dict(os.environ, **server.env)
@@ -681,8 +903,23 @@ def main() -> int:
                     "s3fs": lambda: mount_s3fs(work / "fs-s3fs", url, env),
                     "rclone": lambda: mount_rclone(work / "fs-rclone", url, env),
                 }
-                results = [run_fs(name, mounts[name], ds, args, proxy_pids) for name in chosen]
-        text = report(results, args, ds, command)
+                # The write phase: each filesystem on a bucket of its own ("w-NAME"), mounted read-write.
+                writers: dict[str, Mounter] = {
+                    "cachefs": lambda: mount_cachefs(work / "fs-cachefs-w", url, env, bucket="w-cachefs", write=True),
+                    "s3fs": lambda: mount_s3fs(work / "fs-s3fs-w", url, env, bucket="w-s3fs", write=True),
+                    "rclone": lambda: mount_rclone(work / "fs-rclone-w", url, env, bucket="w-rclone", write=True),
+                }
+                by: dict[str, Result] = {}
+                if ds is not None:
+                    by = {name: run_fs(name, mounts[name], ds, args, proxy_pids) for name in chosen}
+                if ws is not None:
+                    client = server.s3_client()  # straight to the server: the listings and checks are not timed
+                    for name in (n for n in chosen if n in writers):
+                        server.create_bucket(f"w-{name}")
+                        res = by.setdefault(name, Result(name, TUNING[name]))
+                        run_writes(res, writers[name], ws, args, proxy_pids, client, f"w-{name}")
+                results = [by[name] for name in chosen if name in by]
+        text = report(results, args, ds, ws, command)
         print(text)
         out = Path(args.out)
         keep = KEEP_MARKER + "\n"

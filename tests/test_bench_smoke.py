@@ -1,8 +1,9 @@
 """A small run of the benchmark, so that it never rots (the full run is too long for CI).
 
 No timing is asserted: the benchmark exits nonzero if any file read through any filesystem has
-the wrong hash or a mount fails; here it must finish, report that every read was checked, and
-leave no mount behind.
+the wrong hash, if any object written through a mount is not in the store byte for byte once
+``close`` returned, or if a mount fails; here it must finish, report that every read and every
+written object was checked, and leave no mount behind.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_FILES = 300  # bench/run.py's SMOKE: 300 files, 2 epochs, 3 filesystems, plus the large file
 FILESYSTEMS = ("native", "cachefs", "cachefs+prefetch")
+SMOKE_WRITE_FILES = 40  # SMOKE's write phase: a 20 MiB file (multipart) and 40 small files, cachefs only
 
 
 @pytest.mark.timeout(600)
@@ -27,10 +29,14 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = out.read_text()
     assert "| phase | " + " | ".join(FILESYSTEMS) + " |" in report
-    for phase in ("index cold", "index warm", "prefetch", "epoch 1 (cold)", "epoch 2 (warm)", "large seq (cold)"):
+    for phase in ("index cold", "index warm", "prefetch", "epoch 1 (cold)", "epoch 2 (warm)", "large seq (cold)",
+                  "write large", "write small"):
         assert f"| {phase} |" in report
-    checked = re.search(r"Checked: (\d+) reads, every one's blake2b equal", report)
+    checked = re.search(r"Checked: (\d+) reads, every one's blake2b equal.*; (\d+) objects written through the "
+                        r"mounts read back from the store, every byte equal", report)
     assert checked is not None
     assert int(checked.group(1)) == len(FILESYSTEMS) * (2 * SMOKE_FILES + 1)
+    assert int(checked.group(2)) == 1 + SMOKE_WRITE_FILES
+    assert "| RSS peak, write mount (MB) |" in report
     with open("/proc/mounts") as f:
         assert "cachefs-bench-" not in f.read()
