@@ -39,8 +39,17 @@ GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ENOENT, errno.EINTR
 
 
 def cached_blocks(cache: Path) -> int:
-    """Block files in the cache (fsck at mount has already removed strays)."""
+    """Block files in the cache (after ``wait_checked``: the strays are gone)."""
     return sum(1 for p in cache.glob("*/data/*/*") if p.is_file())
+
+
+def wait_checked(cache: Path, mounts: int, timeout: float = 60.0) -> None:
+    """Wait until the check of the cache files against the index, which each mount runs in the
+    background, has finished ``mounts`` times in this cache dir."""
+    deadline = time.monotonic() + timeout
+    while daemon_log(cache).count("cache check finished") < mounts:
+        assert time.monotonic() < deadline, "the background cache check did not finish"
+        time.sleep(0.05)
 
 
 def make_dataset(rng: random.Random) -> dict[str, bytes]:
@@ -101,6 +110,7 @@ def test_kill9_during_prefetch_and_reads_then_remount(faulty_moto: Faulty, tmp_p
     try:
         for g in range(GROUPS + 1):
             cachefs(*args, env=env, check=True)  # on the stale mountpoint from the last crash
+            wait_checked(cache, g + 1)
             status = json.loads(cachefs("status", "--json", str(mnt), env=env, check=True).stdout)
             pid = int(status["pid"])
             if g > 0:
@@ -183,6 +193,7 @@ def test_start_repairs_a_cache_dir_that_disagrees_with_its_index(faulty_moto: Fa
     tmp = kept.parent / f"{kept.name}.12345.7f00.tmp"
     tmp.write_bytes(b"half a block")  # a write the crash interrupted
     with mounted(b.source, mnt, cache, b.mount_env, *b.mount_args) as m:
+        wait_checked(cache, 2)  # the check runs after the mount, in the background
         log = daemon_log(cache)
         found = re.findall(r"cache check repaired (\d+) index entries without data and (\d+) data files "
                            r"without entries", log)

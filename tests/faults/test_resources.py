@@ -153,6 +153,7 @@ def test_index_that_cannot_grow_does_not_break_reads(tmp_path: Path) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 layers.reader.nursery = nursery
+                await nursery.start(cache.run)  # the evictor
                 await core.walk()  # a directory never listed cannot be shown without an index
                 for rel in files:
                     if rel.startswith("a/"):

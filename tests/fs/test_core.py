@@ -41,6 +41,7 @@ def run_core(tmp: Path, body: Callable[[CoreFS], Awaitable[None]], *, capacity: 
         try:
             async with trio.open_nursery() as nursery:
                 layers.reader.nursery = nursery
+                await nursery.start(cache.run)  # the evictor
                 layers.lister.nursery = nursery
                 if layers.writer is not None:
                     await nursery.start(layers.writer.run)
