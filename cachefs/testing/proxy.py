@@ -24,7 +24,8 @@ Content-Length), at a ``rate`` per request, for the next ``count`` requests and/
 
 ``inject`` also takes a tuple of kinds (not ``outage``): each faulted request then gets one of
 them at random, e.g. ``inject(("error", "reset", "cut"), rate=0.1)``. ``stats`` counts
-connections, requests and faults per kind. After an ``error`` the connection is closed
+connections, requests and faults per kind, and keeps the request line (method and target) of the
+last FAULTED_KEPT requests that drew a fault. After an ``error`` the connection is closed
 (``Connection: close``), as S3 does.
 
 It runs trio in a thread of its own, so a test, the benchmark or the CLI use it synchronously:
@@ -66,6 +67,7 @@ CONNECT_TIMEOUT = 10.0
 DRAIN_SECONDS = 10.0  # after an error response, read (and drop) what the client still sends
 DEFAULT_CUT_AFTER = 1000
 WANT_FDS = 65536  # two per connection; Debian's default soft limit (1024) allows ~500
+FAULTED_KEPT = 10_000  # request lines of faulted requests kept in Stats.faulted (~1 MB at most)
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.IGNORECASE)
@@ -97,6 +99,9 @@ class Stats:
     connections: int = 0
     requests: int = 0
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: (kind, request line) of the latest faulted requests, e.g. ("error", "PUT /b/k?partNumber=2&...")
+    faulted: collections.deque[tuple[str, str]] = field(
+        default_factory=lambda: collections.deque(maxlen=FAULTED_KEPT))
 
 
 class LatencyProxy:
@@ -413,6 +418,9 @@ class _Connection:
                 view = memoryview(rest)
                 self.proxy.stats.requests += 1
                 fault, plan = self.proxy._roll()
+                if fault is not None:
+                    line = request.split(b"\r\n", 1)[0][:300].decode("latin-1")
+                    self.proxy.stats.faulted.append((fault, line))
                 if fault in ("reset", "outage"):
                     self.abort()
                     return
