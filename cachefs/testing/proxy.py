@@ -22,6 +22,9 @@ Content-Length), at a ``rate`` per request, for the next ``count`` requests and/
   first byte
 - ``outage``    reset every connection, open or new, and every request
 
+``refuse_if_match`` (an attribute, not a fault) makes the proxy a store without conditional
+GETs: every request with an ``If-Match`` header is answered ``501 Not Implemented``.
+
 ``inject`` also takes a tuple of kinds (not ``outage``): each faulted request then gets one of
 them at random, e.g. ``inject(("error", "reset", "cut"), rate=0.1)``. ``stats`` counts
 connections, requests and faults per kind, and keeps the request line (method and target) of the
@@ -74,7 +77,9 @@ _CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.IGNORECASE)
 _ERRORS = {  # kind: (status line, S3 code, Azure code)
     "error": (b"503 Slow Down", b"SlowDown", b"ServerBusy"),
     "error500": (b"500 Internal Server Error", b"InternalError", b"InternalError"),
+    "no_if_match": (b"501 Not Implemented", b"NotImplemented", b"UnsupportedHeader"),
 }
+_IF_MATCH = re.compile(rb"\r\nif-match:", re.IGNORECASE)
 
 
 @dataclass
@@ -116,6 +121,9 @@ class LatencyProxy:
                  seed: int | None = None) -> None:
         self.target = target
         self.latency = latency
+        #: answer every request with an If-Match header "501 Not Implemented", as a store
+        #: without conditional GETs does (not a fault: a property of the store)
+        self.refuse_if_match = False
         self.plan = FaultPlan()
         self.stats = Stats()
         self._rng = random.Random(seed)
@@ -417,6 +425,9 @@ class _Connection:
                 head.clear()
                 view = memoryview(rest)
                 self.proxy.stats.requests += 1
+                if self.proxy.refuse_if_match and _IF_MATCH.search(request):
+                    await self._answer_error("no_if_match", request)
+                    return
                 fault, plan = self.proxy._roll()
                 if fault is not None:
                     line = request.split(b"\r\n", 1)[0][:300].decode("latin-1")
