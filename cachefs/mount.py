@@ -454,9 +454,11 @@ class Invalidator:
     invalidated once however often it is reported, and none is ever lost. Runs the kernel
     calls in a thread, since the kernel may wait on a request the daemon is answering."""
 
-    def __init__(self) -> None:
+    def __init__(self, invalidate: Callable[[int], None] | None = None) -> None:
         self._pending: set[int] = set()
         self._wake = trio.Event()
+        self._invalidate = invalidate or (
+            lambda ino: pyfuse3.invalidate_inode(pyfuse3.InodeT(ino), attr_only=False))
 
     def add(self, inos: list[int]) -> None:
         if inos:
@@ -472,7 +474,7 @@ class Invalidator:
             def inval(inos: set[int] = batch) -> None:
                 for ino in inos:
                     with contextlib.suppress(OSError):
-                        pyfuse3.invalidate_inode(pyfuse3.InodeT(ino), attr_only=False)
+                        self._invalidate(ino)
 
             await trio.to_thread.run_sync(inval)
 
