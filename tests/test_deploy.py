@@ -874,3 +874,18 @@ def test_dashboard_structure() -> None:
         assert f"histogram_quantile({q}, {backend}" in exprs
     assert "rate(cachefs_fuse_operation_duration_seconds_bucket" in exprs
     assert "sum by (errno, operation)" in exprs
+
+
+DAEMONSET_OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.name.startswith("daemonset"))
+
+
+@pytest.mark.parametrize("overlay", DAEMONSET_OVERLAYS)
+def test_daemonset_cache_is_on_an_existing_node_disk_sized_from_it(overlay: str) -> None:
+    """A node without its cache SSD must not fill its root disk: the hostPath must already exist
+    (type Directory, not DirectoryOrCreate), and the cache is sized as a share of that disk."""
+    docs = render(K8S / "overlays" / overlay)
+    (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["cache"]["hostPath"]["type"] == "Directory"
+    config = tomllib.loads((K8S / "overlays" / overlay / "cachefs.toml").read_text())
+    assert str(config["cache_size"]).endswith("%")
