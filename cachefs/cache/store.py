@@ -51,7 +51,8 @@ Concurrency protocol (downloads write files in worker threads; the evictor, the 
   thread of its download inherits. ``commit`` and ``unreserve`` end it. A download thread that
   outlived its task (abandoned on cancellation or at the retry deadline) finds its ticket ended
   and puts no file in place; a file it put there before is removed with the reservation.
-- Access times not yet flushed (``_atimes``) count as a use: such entries are not evicted.
+- Access times not yet flushed (``_atimes``) count when victims are chosen, and a victim read
+  after it was chosen is spared.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ URGENT_WAIT = 30.0  # seconds data written through the mount waits for room befo
 SCAN_CHUNK = 4096  # index entries per read transaction when evicting or checking (a few ms)
 DELETE_BATCH = 128  # entries deleted (and files unlinked) per hold of the lock (about 1 ms)
 SWEEPS_PER_ROUND = 2  # whole walks of the index one eviction round makes at most
+URGENT_BOOST = 8  # data written through the mount waits: each chunk gives up 8x its share, so
+#                   a round frees what is needed in an eighth of a walk (LRU a little coarser)
+LRU_RETRY = 1.0  # seconds before another LRU round when the last one could free nothing
 USED_KEY = b"cache_bytes"  # LMDB meta table: bytes named by block entries (u64 BE)
 
 _U64 = struct.Struct(">Q")
@@ -150,7 +154,7 @@ class DataCache:
         self._demand = 0  # bytes waited for in reserve()
         self._urgent = 0  # waiting reserve()s that evict whatever the policy
         self._cursor = b""  # block key where the next walk of the index starts
-        self._no_idle_until = 0.0
+        self._nothing_until = 0.0  # a round found nothing to evict: misses do not wake it till then
         os.makedirs(os.path.join(root, "data"), mode=0o700, exist_ok=True)
         self._indexed = self._load_total()
         metrics.cache_capacity.set(capacity)
@@ -220,11 +224,16 @@ class DataCache:
         start = time.monotonic()
         dropped = removed = 0
         pos: bytes | None = b""
-        while pos is not None:
-            pos, n = await trio.to_thread.run_sync(self._check_entries, pos)
-            dropped += n
-        for sub in await trio.to_thread.run_sync(self._data_dirs):
-            removed += await trio.to_thread.run_sync(self._check_dir, sub)
+        try:
+            while pos is not None:
+                pos, n = await trio.to_thread.run_sync(self._check_entries, pos)
+                dropped += n
+            for sub in await trio.to_thread.run_sync(self._data_dirs):
+                removed += await trio.to_thread.run_sync(self._check_dir, sub)
+        except (WriteError, OSError) as exc:  # the cache keeps working; a miss is a miss
+            log.warning("cache check stopped: %s", exc)
+            if isinstance(exc, WriteError):
+                self.index_write_failed(exc)
         if dropped or removed:
             log.warning("cache check repaired %d index entries without data and %d data files "
                         "without entries", dropped, removed)
@@ -559,8 +568,7 @@ class DataCache:
             raw = txn.get(key, db=self.meta.blocks)
         if raw is not None and unpack_block(bytes(raw))[0] == etag_h:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        _unlink(path)
 
     def index_write_failed(self, exc: Exception) -> None:
         """A write to the LMDB index failed (its disk is full): count it, say so once, go on
@@ -597,7 +605,9 @@ class DataCache:
             return
         with self._lock:
             moved: list[tuple[bytes, int, float, str, str]] = []
-            for key, etag_h, size, atime in self._entries_of(ino):
+            with self.meta.env.begin() as txn:
+                entries = self._entries_of(ino, txn)
+            for key, etag_h, size, atime in entries:
                 src, dst = self._key_path(key, old_h), self._key_path(key, new_h)
                 if etag_h != old_h or self._pending[src]:
                     continue
@@ -616,16 +626,15 @@ class DataCache:
                         os.rename(dst, src)
                 self.index_write_failed(exc)
 
-    def _entries_of(self, ino: int) -> list[_Entry]:
+    def _entries_of(self, ino: int, txn: lmdb.Transaction) -> list[_Entry]:
         prefix = block_key(ino, 0)[:8]
         out: list[_Entry] = []
-        with self.meta.env.begin() as txn:
-            cur = txn.cursor(db=self.meta.blocks)
-            if cur.set_range(prefix):
-                for key, val in cur:
-                    if not bytes(key).startswith(prefix):
-                        break
-                    out.append((bytes(key), *unpack_block(bytes(val))))
+        cur = txn.cursor(db=self.meta.blocks)
+        if cur.set_range(prefix):
+            for key, val in cur:
+                if not bytes(key).startswith(prefix):
+                    break
+                out.append((bytes(key), *unpack_block(bytes(val))))
         return out
 
     def drop_inodes(self, inos: list[int], keep: dict[int, str] | None = None) -> None:
@@ -636,7 +645,9 @@ class DataCache:
         kept = {ino: etag_hash(etag) for ino, etag in (keep or {}).items()}
         try:
             with self._lock:
-                victims = [e for ino in inos for e in self._entries_of(ino) if kept.get(ino) != e[1]]
+                with self.meta.env.begin() as txn:
+                    victims = [e for ino in inos for e in self._entries_of(ino, txn)
+                               if kept.get(ino) != e[1]]
                 freed = 0
                 with self.meta.env.begin(write=True) as txn:
                     for key, _, _, _ in victims:
@@ -649,8 +660,7 @@ class DataCache:
                 for key, etag_h, _, _ in victims:
                     path = self._key_path(key, etag_h)
                     if not self._pending[path]:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
+                        _unlink(path)
         except WriteError as exc:  # entries of an old version are never served (ETag check)
             self.index_write_failed(exc)
         metrics.cache_used.set(self.used)
@@ -679,7 +689,7 @@ class DataCache:
             self._notify()
 
     def _kick(self, urgent: bool) -> None:
-        if self._running and (urgent or self.policy == "lru" or time.monotonic() >= self._no_idle_until):
+        if self._running and (urgent or time.monotonic() >= self._nothing_until):
             self._wake.set()
 
     def _notify(self) -> None:
@@ -690,8 +700,8 @@ class DataCache:
         """Wait for the evictor to make room for ``size`` bytes: True if it did in time."""
         if not self._running or size > self.capacity:
             return False
-        if not urgent and self.policy != "lru" and time.monotonic() < self._no_idle_until:
-            return False  # nothing was idle a moment ago: do not wait for a walk to say so again
+        if not urgent and time.monotonic() < self._nothing_until:
+            return False  # nothing could be evicted a moment ago: do not wait for a walk to say so
         first = self._rounds_started + 1  # the first round to start from now on sees the request
         self._demand += size
         self._urgent += urgent
@@ -709,8 +719,9 @@ class DataCache:
             self._urgent -= urgent
 
     async def _evict_round(self) -> None:
-        lru = self._urgent > 0 or self.policy == "lru"
-        if not lru and time.monotonic() < self._no_idle_until:
+        urgent = self._urgent > 0
+        lru = urgent or self.policy == "lru"
+        if not urgent and time.monotonic() < self._nothing_until:
             return
         amount = self.used + self._demand - int(self.capacity * LOW_WATERMARK)
         if amount <= 0 or (not self._demand and self.used <= self.capacity * HIGH_WATERMARK):
@@ -719,15 +730,16 @@ class DataCache:
         cutoff = None if lru else time.time() - self.idle_evict
         freed = 0
         for _ in range(SWEEPS_PER_ROUND):
-            share = min(1.0, (amount - freed) / max(1, self._indexed))
+            share = min(1.0, (amount - freed) * (URGENT_BOOST if urgent else 1) / max(1, self._indexed))
             got = await self._sweep(amount - freed, share, cutoff)
             freed += got
             if freed >= amount or got == 0:
                 break
-        if freed == 0 and cutoff is not None:
-            # Nothing idle enough: the cache keeps its stable subset. Walking the index again for
-            # every miss would cost O(entries) each; look again in a while.
-            self._no_idle_until = time.monotonic() + IDLE_RESCAN
+        if freed == 0:
+            # Nothing idle enough (stable: the cache keeps its stable subset), or nothing that
+            # may go. Walking the index again for every miss would cost O(entries) each; look
+            # again in a while.
+            self._nothing_until = time.monotonic() + (IDLE_RESCAN if cutoff is not None else LRU_RETRY)
 
     async def _sweep(self, amount: int, share: float, cutoff: float | None) -> int:
         """One walk around the index from the cursor, stopping once ``amount`` bytes are freed.
@@ -737,9 +749,11 @@ class DataCache:
         wrapped = False
         while freed < amount:
             chunk, nxt = await trio.to_thread.run_sync(self._scan, pos, SCAN_CHUNK)
+            chosen_at = time.time()
             victims = self._choose(chunk, amount - freed, share, cutoff)
             for i in range(0, len(victims), DELETE_BATCH):
-                gone, n = await trio.to_thread.run_sync(self._delete_victims, victims[i:i + DELETE_BATCH])
+                gone, n = await trio.to_thread.run_sync(self._delete_victims, victims[i:i + DELETE_BATCH],
+                                                        chosen_at)
                 freed += gone
                 metrics.cache_evictions.inc(n)
                 metrics.cache_used.set(self.used)
@@ -757,15 +771,16 @@ class DataCache:
 
     def _choose(self, chunk: list[_Entry], amount: int, share: float,
                 cutoff: float | None) -> list[_Entry]:
-        """Victims in one chunk, least recently used first: the idle ones (``cutoff``), or the
-        ones holding ``share`` of the chunk's bytes; ``amount`` bytes at most (one entry more)."""
+        """Victims in one chunk, least recently used first (access times not yet flushed
+        count): the idle ones (``cutoff``), or the ones holding ``share`` of the chunk's bytes;
+        ``amount`` bytes at most (one entry more)."""
         touched = self._atimes
-        candidates = sorted((e for e in chunk if e[0] not in touched and (cutoff is None or e[3] < cutoff)),
-                            key=lambda e: e[3])
+        used_at = [(touched.get(e[0], e[3]), e) for e in chunk]
+        candidates = sorted((t, e) for t, e in used_at if cutoff is None or t < cutoff)
         quota = amount if cutoff is not None else min(amount, share * sum(e[2] for e in chunk))
         chosen: list[_Entry] = []
         total = 0
-        for e in candidates:
+        for _, e in candidates:
             if total >= quota:
                 break
             chosen.append(e)
@@ -786,17 +801,17 @@ class DataCache:
                 out.append((bytes(key), *unpack_block(bytes(val))))
         return out, None
 
-    def _delete_victims(self, victims: list[_Entry]) -> tuple[int, int]:
+    def _delete_victims(self, victims: list[_Entry], chosen_at: float) -> tuple[int, int]:
         """Delete the victims that are still what was chosen: same version, same access time,
-        not read since, file not being rewritten. Returns (bytes freed, entries deleted). Runs
-        in a thread."""
+        not read since ``chosen_at``, file not being rewritten. Returns (bytes freed, entries
+        deleted). Runs in a thread."""
         freed = 0
         gone: list[str] = []
         with self._lock:
             with self.meta.env.begin(write=True) as txn:
                 for key, etag_h, _, atime in victims:
                     raw = txn.get(key, db=self.meta.blocks)
-                    if raw is None or key in self._atimes:
+                    if raw is None or self._atimes.get(key, 0.0) >= chosen_at:
                         continue
                     cur_h, size, cur_atime = unpack_block(bytes(raw))
                     path = self._key_path(key, cur_h)
@@ -808,8 +823,7 @@ class DataCache:
                 self._store_total(txn, -freed)
             self._indexed -= freed
             for path in gone:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                _unlink(path)
         return freed, len(gone)
 
     def flush_atimes(self) -> None:
@@ -831,8 +845,19 @@ class DataCache:
 def _file_ok(path: str, size: int) -> bool:
     try:
         return os.stat(path).st_size == size
-    except FileNotFoundError:
+    except OSError:  # missing, or unreadable: either way not a block to serve
         return False
+
+
+def _unlink(path: str) -> None:
+    """Remove a block file (microseconds). A failure leaves a file without an entry, which
+    ``used`` no longer counts and the next start's check removes."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove cache file %s: %s", path, exc.strerror)
 
 
 def _parse(path: str) -> tuple[int, int, int]:
