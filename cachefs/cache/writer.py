@@ -45,7 +45,7 @@ import trio
 
 from .. import metrics
 from ..backends import Backend, ObjectInfo
-from ..errors import BackendError, ObjectChanged
+from ..errors import BackendError, ObjectChanged, TemporaryFailure
 from ..metadata import MetadataStore, Record
 from ..metadata.names import decode_name, encode_name
 from .reader import BlockReader, block_count, block_ref
@@ -87,6 +87,7 @@ class Staged:
     gen: int = 0  # write generation, incremented by every write and truncate
     part_gen: dict[int, int] = field(default_factory=dict)  # part -> generation of its last write
     upload_id: str | None = None  # the open multipart upload
+    part_error: BackendError | None = None  # a background part upload failed (after retries)
     session: trio.Lock = field(default_factory=trio.Lock)  # serializes starting the upload
     parts: dict[int, tuple[int, int, str]] = field(default_factory=dict)  # part -> (gen, length, token)
     inflight: dict[int, trio.Event] = field(default_factory=dict)  # background part uploads
@@ -310,8 +311,10 @@ class Writer:
             key = self._key(st.ino)
             if key is not None and not st.deleted:
                 await self._upload_part(st, key, part)
-        except Exception as exc:  # the commit uploads this part again and reports its error
+        except Exception as exc:  # the next commit reports it (and starts the upload afresh)
             log.debug("background upload of part %d failed: %s", part + 1, exc)
+            if isinstance(exc, BackendError):
+                st.part_error = exc
         finally:
             st.inflight.pop(part).set()
 
@@ -341,23 +344,24 @@ class Writer:
     # -- uploading --------------------------------------------------------------------------
 
     async def commit(self, st: Staged) -> None:
-        """Make the bucket hold the staged bytes. Raises BackendError (or NoSpace/OSError from
-        reading the staging file); the file then stays staged and dirty."""
+        """Make the bucket hold the staged bytes, within one ``--backend-timeout`` in all.
+        Raises BackendError (or NoSpace/OSError from reading the staging file); the file then
+        stays staged and dirty, and the error is kept for ``cachefs status``."""
         async with st.lock:
-            for ev in list(st.inflight.values()):
-                await ev.wait()
-            if st.deleted or not st.dirty:
-                return
-            key = self._key(st.ino)
-            if key is None:
-                return
+            timeout = self.backend.timeout
             try:
-                info = await self._upload(st, key)
+                with trio.move_on_after(timeout) as scope:
+                    info = await self._commit(st)
+                if scope.cancelled_caught:
+                    raise TemporaryFailure(f"upload: no answer within {timeout:g} s")
             except BaseException as exc:
-                st.error = str(exc) or type(exc).__name__
-                metrics.upload_failures.labels(_errno_label(exc)).inc()
+                if isinstance(exc, Exception):
+                    st.error = str(exc) or type(exc).__name__
+                    metrics.upload_failures.labels(_errno_label(exc)).inc()
                 self._drop_session(st)
                 raise
+            if info is None:
+                return
             st.dirty = False
             st.error = ""
             st.committed_at = time.monotonic()
@@ -373,6 +377,22 @@ class Writer:
                                        "state": "recovered", "at": time.time()})
                 st.recovered = False
 
+    async def _commit(self, st: Staged) -> ObjectInfo | None:
+        """The upload part of ``commit`` (None: nothing to upload). A part that failed in the
+        background fails the commit at once with its error: uploading it again here would
+        let one close take twice the timeout."""
+        for ev in list(st.inflight.values()):
+            await ev.wait()
+        if st.deleted or not st.dirty:
+            return None
+        key = self._key(st.ino)
+        if key is None:
+            return None
+        if st.part_error is not None:
+            error, st.part_error = st.part_error, None
+            raise error
+        return await self._upload(st, key)
+
     async def _upload(self, st: Staged, key: str) -> ObjectInfo:
         size = st.size
         metrics.uploads_in_flight.inc()
@@ -387,12 +407,15 @@ class Writer:
         finally:
             metrics.uploads_in_flight.dec()
         nparts = (size + PART_SIZE - 1) // PART_SIZE
-        async with trio.open_nursery() as nursery:
-            for part in range(nparts):
-                done = st.parts.get(part)
-                length = min(PART_SIZE, size - part * PART_SIZE)
-                if done is None or done[0] != st.part_gen.get(part, 0) or done[1] != length:
-                    nursery.start_soon(self._upload_part, st, key, part)
+        try:
+            async with trio.open_nursery() as nursery:
+                for part in range(nparts):
+                    done = st.parts.get(part)
+                    length = min(PART_SIZE, size - part * PART_SIZE)
+                    if done is None or done[0] != st.part_gen.get(part, 0) or done[1] != length:
+                        nursery.start_soon(self._upload_part, st, key, part)
+        except BaseExceptionGroup as group:
+            raise _one(group) from None
         assert st.upload_id is not None
         parts = [(part + 1, st.parts[part][2]) for part in range(nparts)]
         info = await self.backend.complete_upload(key, st.upload_id, parts, size)
@@ -625,6 +648,21 @@ class Writer:
             out.append({"name": rec.rel if rec else "", "size": st.size, "state": state,
                         "error": st.error})
         return out
+
+
+def _one(group: BaseExceptionGroup) -> BaseException:
+    """The error to report for a group of failed part uploads: the first that is ours."""
+    errors = list(_leaves(group))
+    for exc in errors:
+        if isinstance(exc, NoSpace | BackendError):
+            return exc
+    return errors[0]
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 def _errno_label(exc: BaseException) -> str:
