@@ -32,7 +32,7 @@ from . import control, http, logs, metrics
 from .backends import create_backend
 from .cache import namespaces
 from .cache.prefetch import Prefetcher
-from .cache.store import DataCache
+from .cache.store import ATIME_BATCH, DataCache
 from .cache.writer import Writer
 from .config import Fraction, MountConfig
 from .errors import BackendError, MountError, TemporaryFailure, UsageError
@@ -320,7 +320,8 @@ class Daemon:
         await self._reclaim(cache, ns_dir)
         while True:
             await trio.sleep(ATIME_FLUSH_INTERVAL)
-            cache.flush_atimes()
+            while cache.flush_atimes(limit=ATIME_BATCH):
+                await trio.sleep(0)  # a million hits in 10 s: let FUSE requests in between batches
             if cache.disk_full:
                 await self._reclaim(cache, ns_dir)
             if time.monotonic() - last_touch > namespaces.TOUCH_INTERVAL:

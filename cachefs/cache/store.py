@@ -87,6 +87,7 @@ from ..metadata.store import (
 
 log = logging.getLogger(__name__)
 
+ATIME_BATCH = 5000  # access times written per transaction (a few milliseconds each)
 BLOCK_SIZE = 4 << 20  # 4 MiB: one GET per block is ~1 RTT + 4 MiB of transfer
 HIGH_WATERMARK = 0.95  # the evictor starts when admissions that may evict pass 95% of capacity,
 LOW_WATERMARK = 0.9  # and frees down to 90%, so that it runs in batches, not per block
@@ -726,7 +727,8 @@ class DataCache:
         amount = self.used + self._demand - int(self.capacity * LOW_WATERMARK)
         if amount <= 0 or (not self._demand and self.used <= self.capacity * HIGH_WATERMARK):
             return
-        self.flush_atimes()
+        while self.flush_atimes(limit=ATIME_BATCH):
+            await trio.sleep(0)
         cutoff = None if lru else time.time() - self.idle_evict
         freed = 0
         for _ in range(SWEEPS_PER_ROUND):
@@ -826,11 +828,17 @@ class DataCache:
                 _unlink(path)
         return freed, len(gone)
 
-    def flush_atimes(self) -> None:
-        """Write the batched access times to LMDB."""
+    def flush_atimes(self, limit: int | None = None) -> bool:
+        """Write batched access times to LMDB: all of them, or at most ``limit`` (one short
+        transaction; the housekeeping loop calls it repeatedly with a yield between). Returns
+        whether some are still pending."""
         if not self._atimes:
-            return
-        pending, self._atimes = self._atimes, {}
+            return False
+        if limit is None or len(self._atimes) <= limit:
+            pending, self._atimes = self._atimes, {}
+        else:
+            keys = list(itertools.islice(self._atimes, limit))
+            pending = {key: self._atimes.pop(key) for key in keys}
         try:
             with self.meta.env.begin(write=True) as txn:
                 for key, atime in pending.items():
@@ -840,6 +848,7 @@ class DataCache:
                         txn.put(key, pack_block(etag_h, size, atime), db=self.meta.blocks)
         except WriteError as exc:  # access times are hints for eviction: losing a batch is fine
             self.index_write_failed(exc)
+        return bool(self._atimes)
 
 
 def _file_ok(path: str, size: int) -> bool:
