@@ -40,3 +40,26 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     assert "| RSS peak, write mount (MB) |" in report
     with open("/proc/mounts") as f:
         assert "cachefs-bench-" not in f.read()
+
+
+@pytest.mark.timeout(600)
+def test_bench_scale_smoke(tmp_path: Path) -> None:
+    """bench/scale.py at a tiny size: real objects in SeaweedFS through real mounts, and a generated
+    listing under the daemon's layers; every figure and every target row is reported."""
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# results\n\n## Earlier section\n\nkept\n")
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "scale.py"), "--objects", "2000",
+                          "--tree-objects", "2000", "--synthetic", "20000", "--synthetic-tree", "20000",
+                          "--prefetch-budget", "60", "--out", str(out)],
+                         capture_output=True, text=True, timeout=540)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = out.read_text()
+    assert "## Earlier section\n\nkept" in report
+    assert report.count("## At scale:") == 1
+    assert "| objects | 2,000 in one folder | 2,000 in 1,000 folders |" in report
+    assert "| objects | 20,000 in one folder + 20,000 in 1,000 folders |" in report
+    assert "| relist: records written (`Lister.writes`) | 0 |" in report  # nothing changed: nothing written
+    assert "2,000 blocks in" in report  # the whole tree prefetched
+    assert len(re.findall(r"^\| [^|]+ \| [^|]+ \| (yes|\*\*no\*\*) \|$", report, re.M)) == 7
+    with open("/proc/mounts") as f:
+        assert "cachefs-scale-" not in f.read()
