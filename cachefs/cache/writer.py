@@ -129,6 +129,10 @@ class Writer:
         st = self.files.get(ino)
         return st.size if st is not None and st.materialized else None
 
+    def _name(self, ino: int) -> str:
+        rec = self.meta.get(ino)
+        return rec.rel if rec is not None else f"inode {ino}"
+
     def _key(self, ino: int) -> str | None:
         rec = self.meta.get(ino)
         return None if rec is None else self.prefix + rec.rel
@@ -358,6 +362,7 @@ class Writer:
                 if isinstance(exc, Exception):
                     st.error = str(exc) or type(exc).__name__
                     metrics.upload_failures.labels(_errno_label(exc)).inc()
+                    log.warning("upload of %r failed: %s", self._name(st.ino), st.error)
                 self._drop_session(st)
                 raise
             if info is None:
@@ -451,7 +456,8 @@ class Writer:
                 await self.commit(st)
             except Exception as exc:
                 st.retry_at = time.monotonic() + RETRY_INTERVAL
-                log.warning("upload of a closed file failed (retrying every %.0f s): %s", RETRY_INTERVAL, exc)
+                log.warning("upload of closed file %r failed (retrying every %.0f s): %s",
+                            self._name(st.ino), RETRY_INTERVAL, exc)
                 return
         await self._finish(st)
 
@@ -571,7 +577,7 @@ class Writer:
         except Exception as exc:
             st.retry_at = time.monotonic() + RETRY_INTERVAL
             st.committed_at = time.monotonic()  # an open file waits a whole interval again
-            log.warning("background upload failed (will retry): %s", exc)
+            log.warning("background upload of %r failed (will retry): %s", self._name(st.ino), exc)
             return
         if st.writers == 0:
             await self._finish(st)
