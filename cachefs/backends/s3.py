@@ -27,11 +27,13 @@ import logging
 import os
 import re
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import boto3
 import botocore.exceptions
+import botocore.session
+import botocore.utils
 import trio
 from botocore.config import Config
 
@@ -112,6 +114,20 @@ def multipart_etag(tokens: list[str]) -> str | None:
     return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
+def _timestamp(value: Any) -> datetime:
+    """botocore's timestamp parser, with a fast path for the ISO 8601 form S3 lists
+    ("2009-10-12T17:50:30.000Z"); other forms (HTTP dates of HEAD) go to botocore."""
+    if isinstance(value, str) and len(value) >= 20 and value[10:11] == "T":
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is not None:
+                return parsed
+    return botocore.utils.parse_timestamp(value)
+
+
 def _check_etag(key: str, want: str | None, got: str | None, if_match: bool) -> None:
     """Without If-Match, a response of another version than the one pinned is a change."""
     if want and not if_match and got is not None and got.strip('"') != want:
@@ -126,7 +142,10 @@ class S3Backend(Backend):
         super().__init__(source, timeout=timeout, max_connections=max_connections)
         self.endpoint_url = endpoint_url
         try:
-            session = boto3.session.Session(profile_name=profile, region_name=region)
+            core = botocore.session.get_session()
+            # Listing a million keys spent 40% of its CPU in dateutil parsing LastModified.
+            core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
+            session = boto3.session.Session(botocore_session=core, profile_name=profile, region_name=region)
         except botocore.exceptions.ProfileNotFound as exc:
             raise AccessDenied(f"AWS profile {profile!r} not found") from exc
         config = Config(
