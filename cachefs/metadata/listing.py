@@ -34,6 +34,7 @@ from .store import ROOT_INODE, MetadataStore, Record, WriteError
 log = logging.getLogger(__name__)
 
 LIST_CONCURRENCY = 32  # directories listed at once (the start-up walk, background relists)
+MERGE_SLICE = 100  # listing entries merged per transaction (~1-2 ms on the event loop)
 CHECKPOINT_EVERY = 1000  # entries walked between two yields to the event loop
 
 
@@ -141,10 +142,13 @@ class Lister:
                 page = await self.backend.list_page(prefix, "/", token)
             except NotFound:
                 break
-            merge.page([(o.key[cut:], o.size, o.etag, o.mtime) for o in page.objects],
-                       [p[cut:] for p in page.prefixes])
-            if merge.changed or merge.removed:
-                self.on_stale(merge.changed + merge.removed)
+            entries = merge.prepare([(o.key[cut:], o.size, o.etag, o.mtime) for o in page.objects],
+                                    [p[cut:] for p in page.prefixes])
+            for i in range(0, len(entries), MERGE_SLICE):
+                merge.apply(entries[i:i + MERGE_SLICE])
+                if merge.changed or merge.removed:
+                    self.on_stale(merge.changed + merge.removed)
+                await trio.sleep(0)  # a lookup waits for one slice, not a page
             token = page.token
             if token is None:
                 break

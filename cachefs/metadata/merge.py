@@ -17,7 +17,7 @@ Invariants (with those of ``store``):
 - An entry of LMDB that the listing passed without seeing is removed, unless it was created or
   seen after the listing started (``seen >= started``: a probe, a local create) or holds data
   written here and not uploaded (``store._holds_local``).
-- Each page is one write transaction; the end of a listing (entries after the last key) is
+- Each slice of a page (``apply``) is one write transaction; the end of a listing (entries after the last key) is
   removed in bounded transactions, so no step holds the event loop for long.
 """
 
@@ -32,8 +32,11 @@ import lmdb
 from .names import encode_name, split_key
 from .store import _U64, Kind, MetadataStore, Record, time_ns
 
+#: (listing key, name, (size, etag, mtime) for an object or None for a prefix)
+Entry = tuple[bytes, str, "tuple[int, str, float] | None"]
+
 READ_AHEAD = 256  # LMDB entries read per cursor positioning
-END_BATCH = 5000  # entries removed per transaction at the end of a listing
+END_BATCH = 1000  # entries removed per transaction at the end of a listing (a few ms)
 
 
 @dataclass
@@ -118,8 +121,12 @@ class Merge:
     def page(self, objects: list[tuple[str, int, str, float]], prefixes: list[str]) -> None:
         """Merge one page: ``objects`` (name relative to the directory, size, etag, mtime) and
         ``prefixes`` (relative, ending in "/"), both as the store listed them."""
-        self.changed, self.removed = [], []
-        entries: list[tuple[bytes, str, tuple[int, str, float] | None]] = []
+        self.apply(self.prepare(objects, prefixes))
+
+    @staticmethod
+    def prepare(objects: list[tuple[str, int, str, float]], prefixes: list[str]) -> list[Entry]:
+        """A page's entries in listing-key order, ready for ``apply`` (in slices, if wanted)."""
+        entries: list[Entry] = []
         for name, size, etag, mtime in objects:
             if name and "/" not in name:  # "" is the directory's own marker
                 entries.append((encode_name(name), name, (size, etag, mtime)))
@@ -128,8 +135,13 @@ class Merge:
             if name and "/" not in name:
                 entries.append((encode_name(p), name, None))
         entries.sort(key=lambda e: e[0])
-        meta = self.meta
-        with meta.env.begin(write=True) as txn:
+        return entries
+
+    def apply(self, entries: list[Entry]) -> None:
+        """Merge entries from ``prepare`` (following those already applied), in one write
+        transaction; ``changed`` and ``removed`` then name the files it changed and removed."""
+        self.changed, self.removed = [], []
+        with self.meta.env.begin(write=True) as txn:
             for key, name, info in entries:
                 if split_key(self.dir.rel + name) is None:
                     self.skipped += 1
