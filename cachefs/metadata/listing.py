@@ -204,5 +204,5 @@ class Lister:
             info = await self.backend.head(self.key(rec))
         except NotFound:
             return
-        self.meta.update_file(ino, info.size, info.etag, info.mtime)
+        self.meta.set_file(ino, size=info.size, etag=info.etag, mtime=info.mtime)
         self.on_stale([ino])

@@ -390,18 +390,6 @@ class MetadataStore:
                 txn.put(_U64.pack(rec.ino), rec.pack(), db=self.inodes)
         return result
 
-    def update_file(self, ino: int, size: int, etag: str, mtime: float) -> Record | None:
-        """Record a HEAD result for one file; returns the new record."""
-        with self.env.begin(write=True) as txn:
-            raw = txn.get(_U64.pack(ino), db=self.inodes)
-            if raw is None:
-                return None
-            rec = Record.unpack(ino, raw)
-            self._adjust(txn, 0, size - rec.size)
-            rec.size, rec.etag, rec.mtime_ns = size, etag, int(mtime * 1e9)
-            txn.put(_U64.pack(ino), rec.pack(), db=self.inodes)
-            return rec
-
     def finish_listing(self, top: int, started: float, recursive: bool) -> list[int]:
         """A complete listing of ``top`` (and, if recursive, everything below it) that started at
         ``started`` has been ingested: drop what it did not see and mark the directories listed.
