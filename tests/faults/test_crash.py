@@ -43,6 +43,14 @@ def cached_blocks(cache: Path) -> int:
     return sum(1 for p in cache.glob("*/data/*/*") if p.is_file())
 
 
+def work_started(cache: Path, before: int, timeout: float = 30.0) -> None:
+    """Wait until the group's first block is cached, so that the crash that follows lands in the
+    middle of the work on a loaded machine too (not before it began)."""
+    deadline = time.monotonic() + timeout
+    while cached_blocks(cache) <= before and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def wait_checked(cache: Path, mounts: int, timeout: float = 60.0) -> None:
     """Wait until the check of the cache files against the index, which each mount runs in the
     background, has finished ``mounts`` times in this cache dir."""
@@ -129,11 +137,12 @@ def test_kill9_during_prefetch_and_reads_then_remount(faulty_moto: Faulty, tmp_p
                 break
             # Work on the next group and kill the daemon at a random moment in the middle of it.
             keys = group(objects, g)
-            delay = rng.uniform(0.05, 0.7)
+            delay = rng.uniform(0.0, 0.5)  # after the first block of the group is cached
             if g % 2 == 0:
                 mode.append("prefetch")
                 client = subprocess.Popen([*CACHEFS, "prefetch", str(mnt), f"g{g:02d}", "--wait", "--no-progress"],
                                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                work_started(cache, g * BLOCKS_PER_GROUP)
                 time.sleep(delay)
                 os.kill(pid, signal.SIGKILL)
                 client.wait(30)
@@ -141,6 +150,7 @@ def test_kill9_during_prefetch_and_reads_then_remount(faulty_moto: Faulty, tmp_p
                 mode.append("reads")
                 stop = threading.Event()
                 bg = Background(readers, mnt, keys, objects, 8, stop)
+                work_started(cache, g * BLOCKS_PER_GROUP)
                 time.sleep(delay)
                 os.kill(pid, signal.SIGKILL)
                 n, wrong = bg.result(60)
