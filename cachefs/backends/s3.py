@@ -32,6 +32,7 @@ from typing import Any
 
 import boto3
 import botocore.exceptions
+import botocore.handlers
 import botocore.session
 import botocore.utils
 import trio
@@ -159,6 +160,13 @@ class S3Backend(Backend):
             response_checksum_validation="when_required",
         )
         self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        # Listings get a client of their own without botocore's check for an error hidden in a
+        # 200 answer (S3 does that for copies and multipart completes, not listings): it parses
+        # every listing page a second time, ~15% of a relist's CPU under the GIL.
+        self.list_client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        check = getattr(botocore.handlers, "_handle_200_error", None)
+        if check is not None:
+            self.list_client.meta.events.unregister("before-parse.s3.*", check)
         creds = session.get_credentials()
         if creds is not None:
             frozen = creds.get_frozen_credentials()
@@ -234,7 +242,7 @@ class S3Backend(Backend):
             kwargs["Delimiter"] = delimiter
         if token:
             kwargs["ContinuationToken"] = token
-        resp = self._run(f"list {prefix!r}", self.client.list_objects_v2, **kwargs)
+        resp = self._run(f"list {prefix!r}", self.list_client.list_objects_v2, **kwargs)
         page = ListPage(
             objects=[ObjectInfo(o["Key"], int(o["Size"]), o.get("ETag", "").strip('"'),
                                 o["LastModified"].timestamp()) for o in resp.get("Contents", ())],
@@ -426,3 +434,4 @@ class S3Backend(Backend):
 
     def _close_sync(self) -> None:
         self.client.close()
+        self.list_client.close()
