@@ -20,7 +20,7 @@ the real ``cachefs`` command):
     cached are counted).
 
 synthetic (in this process's child: ``SyntheticBackend`` generates listing pages of 1,000, and the
-daemon's own layers, ``cachefs.fs.stack.build`` over ``MetadataStore`` + ``DataCache``, run
+daemon's own layers, ``cachefs.stack.build`` over ``MetadataStore`` + ``DataCache``, run
 inside trio as tests/fs/test_core.py does, without FUSE):
   * ``--synthetic`` objects in one flat folder, ``--synthetic-tree`` in 1,000 folders;
   * first lookup + read in the never-listed flat folder (from building the stack); full walk;
@@ -235,8 +235,8 @@ def synthetic(flat: int, tree: int, work: str) -> dict[str, Any]:
     """Run the daemon's layers over the generated listing; the figures."""
     import trio
 
+    from cachefs import stack
     from cachefs.cache.store import DataCache
-    from cachefs.fs import stack
     from cachefs.fs.core import Settings
     from cachefs.metadata import ROOT_INODE, MetadataStore
 
@@ -635,7 +635,7 @@ def render(state: dict[str, Any]) -> str:
         lmdb = s["lmdb_listed"]
         lines += [f"Command: `{s['command']}` ({s['date']}; {s['host']})", "",
                   "Generated listing (`SyntheticBackend` in bench/scale.py, pages of 1,000) under the daemon's "
-                  "own layers (`cachefs.fs.stack.build`, `MetadataStore`, `DataCache`) in one process, no FUSE; "
+                  "own layers (`cachefs.stack.build`, `MetadataStore`, `DataCache`) in one process, no FUSE; "
                   "a `stat` here is `CoreFS.lookup` + `record` on the same trio loop as the relist.", "",
                   "| synthetic listing | value |", "|---|---|",
                   f"| objects | {s['flat']:,} in one folder + {s['tree']:,} in {min(TREE_DIRS, s['tree']):,} folders |",

@@ -28,7 +28,7 @@ import lmdb
 import pyfuse3
 import trio
 
-from . import control, http, logs, metrics
+from . import control, http, logs, metrics, stack
 from .backends import create_backend
 from .cache import namespaces
 from .cache.prefetch import Prefetcher
@@ -36,7 +36,6 @@ from .cache.store import ATIME_BATCH, DataCache
 from .cache.writer import Writer
 from .config import Fraction, MountConfig
 from .errors import BackendError, MountError, TemporaryFailure, UsageError
-from .fs import stack
 from .fs.adapter import CachefsOperations
 from .fs.core import CoreFS, Settings
 from .metadata import MetadataStore

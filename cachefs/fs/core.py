@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..backends import ObjectInfo
 from ..cache.reader import BlockReader, Readahead, block_ref
 from ..cache.store import BLOCK_SIZE
 from ..cache.writer import NoSpace, Staged, TooLarge, Writer
@@ -440,10 +439,11 @@ class CoreFS:
             self.meta.move(src.ino, parent_new, decode_name(name_new))
             if src.is_dir:  # a copy may have a new ETag (Azure, multipart S3 objects, file://)
                 for rec in self.meta.iter_subtree(src.ino):
-                    info = copies.get(rec.rel)
-                    if info is not None and not rec.is_dir and not rec.local and info.etag != rec.etag:
-                        self.cache.retag(rec.ino, rec.etag, info.etag)
-                        self.meta.set_file(rec.ino, size=info.size, etag=info.etag, mtime=info.mtime)
+                    copied = copies.get(rec.rel)
+                    if copied is not None and not rec.is_dir and not rec.local and copied[1] != rec.etag:
+                        size, etag, mtime = copied
+                        self.cache.retag(rec.ino, rec.etag, etag)
+                        self.meta.set_file(rec.ino, size=size, etag=etag, mtime=mtime)
             for h in self.handles.values():  # open files read from their new names
                 moved = self.meta.get(h.record.ino)
                 if moved is not None:
@@ -470,7 +470,7 @@ class CoreFS:
                     self.meta.set_file(src.ino, size=info.size, etag=info.etag, mtime=info.mtime)
                     self._replaced(src.ino)
 
-    async def _rename_dir(self, src: Record, new_rel: str, writer: Writer) -> dict[str, ObjectInfo]:
+    async def _rename_dir(self, src: Record, new_rel: str, writer: Writer) -> dict[str, tuple[int, str, float]]:
         """Copy every object below the directory to the new name, then delete the old ones.
         Not atomic for other mounts (an object store has no directories); limited to
         ``rename_dir_limit`` objects so that a mistaken ``mv`` cannot start copying a dataset.
@@ -489,7 +489,7 @@ class CoreFS:
             for st in staged:
                 await stack.enter_async_context(st.lock)
             old, new = prefix + src.rel, prefix + new_rel
-            copies: dict[str, ObjectInfo] = {}
+            copies: dict[str, tuple[int, str, float]] = {}  # new path -> (size, etag, mtime)
             with _errors():
                 limiter = trio.CapacityLimiter(RENAME_COPIES)
 
@@ -499,7 +499,8 @@ class CoreFS:
                         if key.endswith("/"):  # a directory marker: some stores cannot copy one
                             await writer.put_marker(dst)
                         else:
-                            copies[dst[len(prefix):]] = await writer.copy(key, dst, size)
+                            info = await writer.copy(key, dst, size)
+                            copies[dst[len(prefix):]] = (info.size, info.etag, info.mtime)
 
                 async with trio.open_nursery() as nursery:
                     for key, size in keys:

@@ -114,10 +114,9 @@ def test_index_that_cannot_grow_does_not_break_reads(tmp_path: Path) -> None:
     and nothing raises."""
     import trio
 
-    from cachefs import metrics
+    from cachefs import metrics, stack
     from cachefs.backends import create_backend
     from cachefs.cache.store import DataCache
-    from cachefs.fs import stack
     from cachefs.fs.core import CoreFS, Settings
     from cachefs.metadata import ROOT_INODE, MetadataStore
     from cachefs.source import parse_source

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from cachefs import metrics
+from cachefs import metrics, stack
 from cachefs.backends import create_backend
 from cachefs.cache.prefetch import Prefetcher
 from cachefs.cache.store import BLOCK_SIZE, DataCache
-from cachefs.fs import stack
 from cachefs.fs.core import CoreFS, FsError, Settings
 from cachefs.metadata import ROOT_INODE, MetadataStore
 from cachefs.source import parse_source

@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..backends import Backend
-from ..cache.prefetch import Prefetcher
-from ..cache.reader import BlockReader
-from ..cache.store import DataCache
-from ..cache.writer import Writer
-from ..metadata import MetadataStore
-from ..metadata.listing import Lister
-from .core import CoreFS, Settings
+from .backends import Backend
+from .cache.prefetch import Prefetcher
+from .cache.reader import BlockReader
+from .cache.store import DataCache
+from .cache.writer import Writer
+from .fs.core import CoreFS, Settings
+from .metadata import MetadataStore
+from .metadata.listing import Lister
 
 
 @dataclass
