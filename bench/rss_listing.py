@@ -51,14 +51,15 @@ def make_tree(root: Path, n: int) -> None:
     marker.touch()
 
 
-def replace_section(out: Path, text: str) -> None:
-    """Put this section into ``out``: in place of an earlier one, else at the end."""
+def replace_section(out: Path, text: str, heading: str = HEADING) -> None:
+    """Put the section ``text`` (which starts with ``heading``) into ``out``: in place of an
+    earlier one, else at the end. bench/scale.py uses it too."""
     old = out.read_text() if out.exists() else ""
-    start = old.find(HEADING)
+    start = old.find(heading)
     if start < 0:
         out.write_text(old.rstrip("\n") + "\n\n" + text)
         return
-    end = old.find("\n## ", start + len(HEADING))
+    end = old.find("\n## ", start + len(heading))
     out.write_text(old[:start] + text + (old[end + 1:] if end >= 0 else ""))
 
 

@@ -67,6 +67,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.rss_listing import replace_section  # noqa: E402
 from cachefs.backends.base import Backend, ListPage, ObjectInfo  # noqa: E402
 from cachefs.errors import NotFound  # noqa: E402
 
@@ -681,18 +682,6 @@ def _lat(p: dict[str, float]) -> str:
     return f"{p['n']:,}: {ms(p['p50'])} / {ms(p['p99'])} / {ms(p['max'])}"
 
 
-def replace_section(out: Path, text: str) -> None:
-    """Put this section into ``out``: in place of an earlier one, else at the end (the same
-    mechanism as bench/rss_listing.py, with this script's heading)."""
-    old = out.read_text() if out.exists() else ""
-    start = old.find(HEADING)
-    if start < 0:
-        out.write_text(old.rstrip("\n") + "\n\n" + text)
-        return
-    end = old.find("\n## ", start + len(HEADING))
-    out.write_text(old[:start] + text + (old[end + 1:] if end >= 0 else ""))
-
-
 @contextlib.contextmanager
 def locked_state(path: Path) -> Iterator[dict[str, Any]]:
     """The state file, locked (the two parts may run at once), written back on exit."""
@@ -755,7 +744,7 @@ def main() -> None:
             text = render(state)
         print(text)
         if args.out:
-            replace_section(Path(args.out), text)
+            replace_section(Path(args.out), text, HEADING)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
