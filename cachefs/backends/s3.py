@@ -26,9 +26,12 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import time
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import unquote_plus
+from xml.etree import ElementTree
 
 import boto3
 import botocore.exceptions
@@ -129,6 +132,32 @@ def _timestamp(value: Any) -> datetime:
     return botocore.utils.parse_timestamp(value)
 
 
+_EMPTY_LISTING = (b'<?xml version="1.0" encoding="UTF-8"?>'
+                  b'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"></ListBucketResult>')
+
+
+def _parse_listing(body: bytes) -> ListPage:
+    """A ListObjectsV2 answer, as botocore would give it (keys URL-decoded when the store
+    encoded them: botocore asks for encoding-type=url)."""
+    root = ElementTree.fromstring(body)
+    ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    url = (root.findtext(ns + "EncodingType") or "") == "url"
+
+    def text(node: ElementTree.Element, name: str) -> str:
+        value = node.findtext(ns + name) or ""
+        return unquote_plus(value) if url else value
+
+    page = ListPage()
+    for c in root.iterfind(ns + "Contents"):
+        page.objects.append(ObjectInfo(text(c, "Key"), int(c.findtext(ns + "Size") or 0),
+                                       (c.findtext(ns + "ETag") or "").strip('"'),
+                                       _timestamp(c.findtext(ns + "LastModified")).timestamp()))
+    page.prefixes = [text(p, "Prefix") for p in root.iterfind(ns + "CommonPrefixes")]
+    if (root.findtext(ns + "IsTruncated") or "").lower() == "true":
+        page.token = root.findtext(ns + "NextContinuationToken") or None
+    return page
+
+
 def _check_etag(key: str, want: str | None, got: str | None, if_match: bool) -> None:
     """Without If-Match, a response of another version than the one pinned is a change."""
     if want and not if_match and got is not None and got.strip('"') != want:
@@ -167,6 +196,11 @@ class S3Backend(Backend):
         check = getattr(botocore.handlers, "_handle_200_error", None)
         if check is not None:
             self.list_client.meta.events.unregister("before-parse.s3.*", check)
+        # botocore walks each listing page's XML in Python (~40 ms of CPU and of GIL per 1,000
+        # keys, which FUSE requests then wait for); the page is taken from it here, before its
+        # parser, and read with ElementTree's C parser in ``_parse_listing`` (~10x less).
+        self._listing = threading.local()
+        self.list_client.meta.events.register("before-parse.s3.ListObjectsV2", self._take_listing)
         creds = session.get_credentials()
         if creds is not None:
             frozen = creds.get_frozen_credentials()
@@ -235,6 +269,14 @@ class S3Backend(Backend):
         except NotFound as exc:
             raise NotFound(f"bucket {self.source.bucket!r} does not exist") from exc
 
+    def _take_listing(self, response_dict: dict[str, Any], **kwargs: Any) -> None:
+        """botocore hook: keep a successful listing's body for ``_parse_listing`` and hand
+        botocore an empty one to parse (errors are left to botocore)."""
+        body = response_dict.get("body")
+        if response_dict.get("status_code", 500) < 300 and body:
+            self._listing.body = body
+            response_dict["body"] = _EMPTY_LISTING
+
     def _list_sync(self, prefix: str, delimiter: str | None, token: str | None) -> ListPage:
         kwargs: dict[str, Any] = {"Bucket": self.source.bucket, "Prefix": prefix,
                                   "MaxKeys": self.page_size}
@@ -242,7 +284,14 @@ class S3Backend(Backend):
             kwargs["Delimiter"] = delimiter
         if token:
             kwargs["ContinuationToken"] = token
+        self._listing.body = None
         resp = self._run(f"list {prefix!r}", self.list_client.list_objects_v2, **kwargs)
+        body, self._listing.body = self._listing.body, None
+        if body is not None:
+            try:
+                return _parse_listing(body)
+            except (ElementTree.ParseError, ValueError, TypeError) as exc:
+                raise TemporaryFailure(f"list {prefix!r}: unreadable answer ({type(exc).__name__})") from exc
         page = ListPage(
             objects=[ObjectInfo(o["Key"], int(o["Size"]), o.get("ETag", "").strip('"'),
                                 o["LastModified"].timestamp()) for o in resp.get("Contents", ())],
