@@ -11,7 +11,7 @@ Concurrency protocol:
   a directory never listed makes ``readdir`` wait for its listing.
 - A relist writes only what changed (``merge``), page by page, each page one transaction.
 - Files written through this mount and not yet uploaded are "local" (``Record.local``): a
-  listing never overwrites or removes them (see ``MetadataStore.ingest``/``finish_listing``).
+  listing never overwrites or removes them (see ``merge``).
 - Whoever learns that files changed or vanished (a relist, a HEAD after a failed If-Match) calls
   ``on_stale`` with their inodes, so cached data and the kernel's pages of them are dropped.
 """

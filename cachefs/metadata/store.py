@@ -390,36 +390,6 @@ class MetadataStore:
                 txn.put(_U64.pack(rec.ino), rec.pack(), db=self.inodes)
         return result
 
-    def finish_listing(self, top: int, started: float, recursive: bool) -> list[int]:
-        """A complete listing of ``top`` (and, if recursive, everything below it) that started at
-        ``started`` has been ingested: drop what it did not see and mark the directories listed.
-        Returns the inodes of removed files (their cached blocks must go)."""
-        removed: list[int] = []
-        with self.env.begin(write=True) as txn:
-            stack = [top]
-            while stack:
-                d = stack.pop()
-                prefix = _U64.pack(d)
-                cur = txn.cursor(db=self.dirents)
-                stale: list[Record] = []
-                if cur.set_range(prefix):
-                    for key, child in cur:
-                        if not bytes(key).startswith(prefix):
-                            break
-                        rec = self._child(txn, bytes(child))
-                        if rec.seen < started and not self._holds_local(txn, rec):
-                            stale.append(rec)
-                        elif recursive and rec.is_dir:
-                            stack.append(rec.ino)
-                for rec in stale:
-                    self._remove(txn, rec, removed)
-                raw = txn.get(prefix, db=self.inodes)
-                if raw is not None:
-                    drec = Record.unpack(d, raw)
-                    drec.listed_at = started
-                    txn.put(prefix, drec.pack(), db=self.inodes)
-        return removed
-
     def _remove(self, txn: lmdb.Transaction, rec: Record, removed: list[int]) -> None:
         """Delete an entry (a directory with everything below it)."""
         if rec.is_dir:
@@ -428,8 +398,7 @@ class MetadataStore:
         else:
             removed.append(rec.ino)
             self._adjust(txn, -1, -rec.size)
-        name = rec.rel.rstrip("/").rpartition("/")[2]
-        txn.delete(_U64.pack(rec.parent) + encode_name(name), db=self.dirents)
+        txn.delete(_U64.pack(rec.parent) + encode_name(rec.name), db=self.dirents)
         txn.delete(_U64.pack(rec.ino), db=self.inodes)
 
     def _holds_local(self, txn: lmdb.Transaction, rec: Record) -> bool:

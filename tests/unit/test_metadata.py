@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachefs.metadata import ROOT_INODE, MetadataStore, split_key
+from cachefs.metadata.merge import Merge
 
 
 def names(store: MetadataStore, ino: int) -> list[str]:
@@ -48,13 +49,15 @@ def test_directory_wins_over_object_of_same_name(tmp_path: Path) -> None:
 def test_relisting_removes_what_is_gone_and_reports_changes(tmp_path: Path) -> None:
     store = MetadataStore(str(tmp_path / "m"))
     store.ingest([("d/x", 1, "e1", 0.0), ("d/y", 1, "e1", 0.0)], [], seen=1.0)
-    store.finish_listing(ROOT_INODE, 1.0, recursive=True)
     x = store.resolve("d/x")
-    result = store.ingest([("d/x", 5, "e2", 0.0)], [], seen=2.0)
-    assert result.changed == [x.ino]  # type: ignore[union-attr]
-    removed = store.finish_listing(ROOT_INODE, 2.0, recursive=True)
+    d = store.resolve("d")
+    assert x is not None and d is not None
+    merge = Merge(store, d, 2.0)  # a relist of d that sees x changed and no y
+    merge.page([("x", 5, "e2", 0.0)], [])
+    assert merge.changed == [x.ino]
+    removed = [ino for batch in merge.finish() for ino in batch]
     assert len(removed) == 1
-    assert names(store, store.resolve("d").ino) == ["x"]  # type: ignore[union-attr]
+    assert names(store, d.ino) == ["x"]
     assert store.resolve("d/x").ino == x.ino  # type: ignore[union-attr]
     assert store.totals() == (1, 5)
 
