@@ -4,7 +4,7 @@
 #   docker run --rm --privileged -e CACHEFS_SOURCE=s3://bucket/prefix \
 #       -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -p 9100:9100 cachefs:dev
 #
-# Two stages: the first compiles pyfuse3 against libfuse3 (and installs every other dependency)
+# Two stages: the first compiles the vendored, patched pyfuse3 against libfuse3 (and installs every other dependency)
 # into a virtualenv; the second copies that virtualenv into a slim image that has the fuse3
 # runtime but no compiler. Both use the same base image, so the virtualenv's interpreter path
 # is valid in both.
@@ -24,6 +24,7 @@ RUN apt-get update \
         build-essential=12.9 \
         libfuse3-dev=3.14.0-4 \
         pkg-config=1.8.1-1 \
+        patch=2.7.6-7 \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -32,6 +33,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/cachefs
 
 WORKDIR /src
+COPY third_party/ third_party/
+# pyfuse3 3.5.0 with cachefs's patch (third_party/README.md), built from the vendored source.
+RUN third_party/build-pyfuse3.sh /opt/cachefs/bin/python
 COPY pyproject.toml README.md ./
 COPY cachefs/ cachefs/
 # A regular (not editable) install: the package and the dependencies declared in pyproject.toml.

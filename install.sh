@@ -25,7 +25,7 @@ main() {
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
   # fuse3 (fusermount3), and what pyfuse3 needs to build from source.
-  apt_pkgs=(fuse3 libfuse3-dev pkg-config build-essential python3-dev python3-venv ca-certificates)
+  apt_pkgs=(fuse3 libfuse3-dev pkg-config build-essential python3-dev python3-venv ca-certificates patch)
   if [ "$want_test" -eq 1 ]; then
     # Azurite runs on node; s3fs and rclone are the peers the benchmark compares against.
     apt_pkgs+=(nodejs s3fs rclone systemd)  # systemd: systemd-analyze verifies the unit file
@@ -48,6 +48,8 @@ main() {
     "$PY" -m venv .venv
   fi
   .venv/bin/python -m pip install -q --upgrade pip
+  # pyfuse3 with the kernel-cache patch (third_party/README.md), before the package that needs it.
+  third_party/build-pyfuse3.sh .venv/bin/python
   if [ "$want_test" -eq 1 ]; then
     .venv/bin/python -m pip install -q -e '.[test]'
     if ! [ -x .venv/azurite/node_modules/.bin/azurite ]; then
