@@ -268,6 +268,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"cache:      {_human(c['used_bytes'])} of {_human(c['capacity_bytes'])} "
           f"({c['policy']}){' FULL' if c['full'] else ''}")
     print(f"hit ratio:  {ratio} ({r['hits']:.0f} hits, {r['misses']:.0f} misses)")
+    fuse = st["fuse_requests"]
+    print(f"requests:   {sum(fuse.values()):.0f} from the kernel ({fuse['read']:.0f} reads; "
+          "warm reads the kernel answers itself are not counted)")
     print(f"backend:    {b['requests']:.0f} requests, {b['error_rate'] * 100:.2f}% errors, "
           f"{b['retries']:.0f} retries")
     if p["files_total"]:

@@ -82,6 +82,13 @@ def fuse_unmount(path: str, lazy: bool = False) -> bool:
     return False
 
 
+def check_pyfuse3() -> None:
+    """The kernel-cache modes need cachefs's pyfuse3 patch (third_party/README.md)."""
+    if not hasattr(pyfuse3.Operations, "inode_as_fh"):
+        raise MountError("the installed pyfuse3 lacks cachefs's patch: "
+                         "run third_party/build-pyfuse3.sh with this Python (./install.sh does)")
+
+
 def check_mountpoint(path: str) -> None:
     if is_stale(path):
         log.warning("%s is a stale mount (its daemon is gone); cleaning it up", path)
@@ -155,6 +162,7 @@ class Daemon:
 
     async def run(self, on_ready: Callable[[], None]) -> None:
         cfg = self.cfg
+        check_pyfuse3()
         check_mountpoint(cfg.mountpoint)
         prepare_cache_dir(cfg.cache_dir)
         ns_dir = os.path.join(cfg.cache_dir, self.source.namespace(cfg.endpoint_url))
@@ -225,6 +233,7 @@ class Daemon:
             invalidations.add(inos)
 
         layers.lister.on_stale = stale
+        layers.lister.on_entries_changed = lambda ino: invalidations.add([ino])
         server = None
         try:
             if cfg.metrics_addr:
@@ -389,6 +398,9 @@ class Daemon:
                       "hit_ratio": hits / (hits + misses) if hits + misses else None,
                       "bytes_from_cache": sample("cachefs_read_bytes_total", source="cache"),
                       "bytes_from_backend": sample("cachefs_read_bytes_total", source="backend")},
+            # What the daemon was asked; reads the kernel answers from its page cache are not here.
+            "fuse_requests": {op: sample("cachefs_fuse_operations_total", operation=op)
+                              for op in metrics.FUSE_OPERATIONS},
             "backend": {"requests": requests, "errors": errors, "by_operation": by_operation,
                         "error_rate": errors / requests if requests else 0.0,
                         "retries": sum(sample("cachefs_backend_retries_total", operation=op)

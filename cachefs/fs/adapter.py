@@ -5,11 +5,15 @@ logged with its traceback and becomes EIO, and nothing else escapes. Inodes are 
 live in LMDB and are never reused), so lookup counts need no bookkeeping and ``forget`` is a
 no-op.
 
-Kernel caching: entries and attributes are cached for the metadata TTL and file data is kept in
-the page cache across opens (``keep_cache``), so repeated reads of unchanged data never reach the
-daemon. The kernel's "no open" mode (answering ``open`` with ENOSYS) would save two requests per
-file, but pyfuse3 passes only the file handle to ``read`` (not the inode), and in that mode the
-handle is always 0: reads could not be served, so it is not used.
+Kernel caching: entries and attributes are cached for the metadata TTL, and the kernel runs in
+its no-opendir mode (``opendir`` answers ENOSYS): it sends no OPENDIR or RELEASEDIR, caches each
+directory's entries, and asks again only once the daemon drops its copy (a relist that added or
+removed entries) or local changes do. Read-only mounts also run in no-open mode (``open``
+answers ENOSYS): no OPEN, RELEASE or FLUSH, and file pages stay cached across opens, so a warm
+open + read + close costs the daemon no request. Both need the patched pyfuse3
+(``third_party/``): with ``inode_as_fh``, ``read`` and ``readdir`` get the inode where the kernel
+has no handle to give. Read-write mounts open files with handles (writes need them), with
+``keep_cache``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, InodeT, StatvfsData
 
 from .. import metrics
 from ..metadata import Record
+from ..metadata.names import encode_name
 from ..metadata.store import CORRUPTION
 from .core import CoreFS, FsError
 
@@ -37,37 +42,25 @@ CONTROL_XATTR = b"user.cachefs.control"
 BLKSIZE = 128 * 1024  # what stat reports as the preferred I/O size: one FUSE read request
 READDIR_BATCH = 64  # entries decoded per step; one kernel readdir buffer (4 KiB) holds ~25-30
 STATFS_BLOCK = 4096
-DIR_OFFSETS_KEPT = 4096  # readdir offsets remembered per open directory (~100 kernel buffers)
-
-
-class DirStream:
-    """An open directory: the names behind the most recent readdir offsets (bounded: the kernel
-    resumes from the last entry it accepted, so old offsets are not asked for again)."""
-
-    def __init__(self, ino: int) -> None:
-        self.ino = ino
-        self.names: collections.OrderedDict[int, bytes] = collections.OrderedDict()
-        self._next = 2
-
-    def remember(self, name: bytes) -> int:
-        self._next += 1
-        self.names[self._next] = name
-        if len(self.names) > DIR_OFFSETS_KEPT:
-            self.names.popitem(last=False)
-        return self._next
+DIR_OFFSETS_KEPT = 16384  # readdir offsets whose names are remembered (see ``_resume_after``)
+ENTRY_OFFSET = 2  # readdir offsets: 1 after ".", 2 after "..", entry inode + ENTRY_OFFSET after an entry
 
 
 class CachefsOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    # Where the kernel has no handle to give (no-open and no-opendir modes), handlers get the
+    # inode instead (patched pyfuse3). Handles handed out by ``open`` start at 1, never 0.
+    inode_as_fh = True
 
     def __init__(self, core: CoreFS, control_path: str) -> None:
         super().__init__()
         self.core = core
         self.control_path = control_path.encode()
-        self._dirs: dict[int, DirStream] = {}
-        self._next_dir = 0
+        self.no_open = not core.writable
+        #: (directory, readdir offset) -> entry name, for offsets whose entry has left meanwhile
+        self._offsets: collections.OrderedDict[tuple[int, int], bytes] = collections.OrderedDict()
 
     @contextlib.asynccontextmanager
     async def _op(self, name: str) -> AsyncIterator[None]:
@@ -128,30 +121,23 @@ class CachefsOperations(pyfuse3.Operations):
 
     async def getattr(self, inode: InodeT, ctx: pyfuse3.RequestContext | None = None) -> EntryAttributes:
         async with self._op("getattr"):
-            return self._attr(self.core.record(inode))
+            return self._attr(self.core.attributes(inode))
         raise AssertionError("unreachable")
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         return None
 
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
-        async with self._op("opendir"):
-            if not self.core.record(inode).is_dir:
-                raise FsError(errno.ENOTDIR)
-            self._next_dir += 1
-            self._dirs[self._next_dir] = DirStream(inode)
-            return FileHandleT(self._next_dir)
-        raise AssertionError("unreachable")
+        # The kernel's no-opendir mode, from this first call on: directory entries cached.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # Offsets: 0 the start, 1 after ".", 2 after "..", then one per entry, mapped to the
-        # entry's name; entries are in name order, so a listing resumes after that name even if
-        # the entry itself was removed meanwhile (by a relist or an unlink).
+        # ``fh`` is the directory's inode (no-opendir mode). Offsets: 0 the start, 1 after ".",
+        # 2 after "..", then an entry's inode + 2 after that entry. Entries are in name order,
+        # so a listing resumes after that entry's name, even if it was removed meanwhile.
         async with self._op("readdir"):
-            stream = self._dirs.get(fh)
-            if stream is None:
-                raise FsError(errno.EBADF)
-            rec = self.core.record(stream.ino)
+            ino = int(fh)
+            rec = self.core.record(ino)
             if start_id == 0:
                 if not pyfuse3.readdir_reply(token, b".", self._attr(rec), 1):
                     return
@@ -161,26 +147,36 @@ class CachefsOperations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, b"..", self._attr(parent), 2):
                     return
                 start_id = 2
-            if start_id == 2:
-                after = None
-            else:
-                after = stream.names.get(start_id)
-                if after is None:
-                    raise FsError(errno.EINVAL, "readdir offset no longer known (seekdir too far back?)")
+            after = None if start_id == 2 else self._resume_after(ino, start_id)
             while True:
-                batch = await self.core.readdir(stream.ino, after, READDIR_BATCH)
+                batch = await self.core.readdir(ino, after, READDIR_BATCH)
                 if not batch:
                     return
                 for name, child in batch:
-                    offset = stream.remember(name)
+                    offset = child.ino + ENTRY_OFFSET
+                    self._offsets[(ino, offset)] = name
+                    if len(self._offsets) > DIR_OFFSETS_KEPT:
+                        self._offsets.popitem(last=False)
                     if not pyfuse3.readdir_reply(token, name, self._attr(child), offset):
                         return
                 after = batch[-1][0]
 
-    async def releasedir(self, fh: FileHandleT) -> None:
-        self._dirs.pop(fh, None)
+    def _resume_after(self, ino: int, offset: int) -> bytes:
+        """The name of the entry a readdir offset follows: the entry's own record while it is
+        still in the directory, else the name remembered when the offset was handed out."""
+        child = self.core.meta.get(offset - ENTRY_OFFSET)
+        if child is not None and child.parent == ino:
+            return encode_name(child.name)
+        name = self._offsets.get((ino, offset))
+        if name is None:
+            raise FsError(errno.EINVAL, "readdir offset no longer known (seekdir too far back?)")
+        return name
 
     async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
+        if self.no_open:
+            # The kernel's no-open mode, from this first call on: no OPEN, RELEASE or FLUSH,
+            # pages kept across opens; reads come with the inode (``inode_as_fh``).
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         async with self._op("open"):
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
                 fh = await self.core.open_write(inode, truncate=bool(flags & os.O_TRUNC))
@@ -191,6 +187,8 @@ class CachefsOperations(pyfuse3.Operations):
 
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         async with self._op("read"):
+            if self.no_open:
+                return await self.core.read_inode(int(fh), off, size)  # fh is the inode
             return await self.core.read(fh, off, size)
         raise AssertionError("unreachable")
 

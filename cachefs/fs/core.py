@@ -7,11 +7,15 @@ test inside ``trio.run`` without a mount. The core never talks to a backend: lis
 those layers become an errno here, in ``_errno`` (the one table), as ``FsError``.
 
 Concurrency protocol (what may interleave at an ``await``):
-- An open handle pins the object's ETag: every block it reads is fetched with If-Match on that
-  ETag, so a reader never gets a mix of two versions. If the object changed in the bucket, the
-  read fails with ESTALE and the record is refreshed so the next open sees the new version.
-  When this mount uploads a new version of a file, open handles move to it (they read what
-  was written here, as POSIX says).
+- A read-write mount hands out a handle per open file, which pins the object's ETag: every
+  block it reads is fetched with If-Match on that ETag, so a reader never gets a mix of two
+  versions. If the object changed in the bucket, the read fails with ESTALE and the record is
+  refreshed so the next open sees the new version. When this mount uploads a new version of a
+  file, open handles move to it (they read what was written here, as POSIX says).
+- A read-only mount runs in the kernel's no-open mode (see ``fs.adapter``): no handles, reads
+  come by inode (``read_inode``). The inode's record as of the read decides the version, with
+  If-Match on its ETag as above; a sequential reader that was reading the previous version
+  when the record changed gets ESTALE at its next read rather than the new version's bytes.
 - Renames, unlinks and truncates of a file with staged data hold its ``Staged.lock``, so no
   upload of it runs meanwhile (an upload never lands under a name the file has left, nor
   resurrects a deleted file). Namespace changes (create, mkdir, rmdir, unlink, rename) are
@@ -21,6 +25,7 @@ Concurrency protocol (what may interleave at an ``await``):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -45,6 +50,9 @@ log = logging.getLogger(__name__)
 # a block whose download failed for this open file less than this long ago fails again at once
 # rather than waiting out another --backend-timeout, so one read() fails within the timeout.
 FAILED_READ_MEMORY = 1.0
+# Read-only mounts: per-inode read state (readahead window, blocks counted, the version being
+# read) is kept for the inodes read most recently. Bounded: it is a hint, not a handle.
+READ_STATES_KEPT = 4096
 RENAME_DIR_LIMIT = 1000  # objects a directory rename may copy (default of --rename-dir-limit)
 RENAME_COPIES = 16  # server-side copies in flight during a directory rename
 RENAME_NOREPLACE = 1  # renameat2 flags (linux/fs.h)
@@ -125,6 +133,7 @@ class CoreFS:
         self._fh = 0
         self._namespace = trio.Lock()
         self._pinned_stale: set[int] = set()  # changed files whose old data open handles read
+        self._reading: collections.OrderedDict[int, Handle] = collections.OrderedDict()  # no-open
         if writer is not None:
             writer.on_replaced = self._replaced
 
@@ -144,6 +153,16 @@ class CoreFS:
             else:
                 raise FsError(errno.ENOENT)
         return self.current(rec)
+
+    def attributes(self, ino: int) -> Record:
+        """The record behind a GETATTR. The kernel caches directory entries, so a directory's
+        attributes (here, or by a lookup of its name) are what it asks about a directory it has
+        listed: a directory past its TTL is listed again then, in the background, and the
+        kernel's copy of its entries is dropped if that relist finds any added or removed."""
+        rec = self.record(ino)
+        if rec.is_dir:
+            self.lister.revalidate(rec)
+        return rec
 
     def current(self, rec: Record) -> Record:
         """The record as readers here see it: with the size of data written and not uploaded."""
@@ -171,6 +190,8 @@ class CoreFS:
             rec = await self.lister.lookup(prec, name)
         if rec is None:
             raise FsError(errno.ENOENT)
+        if rec.is_dir:
+            self.lister.revalidate(rec)  # the kernel may hold its entries: see ``attributes``
         return self.current(rec)
 
     async def readdir(self, ino: int, after: bytes | None, limit: int) -> list[tuple[bytes, Record]]:
@@ -204,7 +225,32 @@ class CoreFS:
         return handle
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        handle = self._handle(fh)
+        return await self._read(self._handle(fh), offset, size)
+
+    async def read_inode(self, ino: int, offset: int, size: int) -> bytes:
+        """A read without an open handle (the kernel's no-open mode, read-only mounts): the
+        inode's current record decides the version. A reader that was reading the previous
+        version sequentially, and now asks for the bytes that follow, gets ESTALE instead of
+        the new version's (a reader starting anew, at 0 or elsewhere, reads the new one)."""
+        rec = self.record(ino)
+        if rec.is_dir:
+            raise FsError(errno.EISDIR)
+        state = self._reading.get(ino)
+        if state is None or state.record.etag != rec.etag:
+            if state is not None and 0 < offset == state.ahead.next_offset:
+                # kept as it is: the same reader's next attempt fails too, until a new pass
+                raise FsError(errno.ESTALE, "object changed in the bucket while being read")
+            state = self._reading[ino] = Handle(rec)
+            if len(self._reading) > READ_STATES_KEPT:
+                self._reading.popitem(last=False)
+        else:
+            self._reading.move_to_end(ino)
+            state.record = rec
+            if offset == 0:
+                state.counted.clear()  # a new pass over the file (its pages left the kernel)
+        return await self._read(state, offset, size)
+
+    async def _read(self, handle: Handle, offset: int, size: int) -> bytes:
         rec = handle.record
         if self.writer is not None:
             with _errors():

@@ -13,7 +13,9 @@ Concurrency protocol:
 - Files written through this mount and not yet uploaded are "local" (``Record.local``): a
   listing never overwrites or removes them (see ``merge``).
 - Whoever learns that files changed or vanished (a relist, a HEAD after a failed If-Match) calls
-  ``on_stale`` with their inodes, so cached data and the kernel's pages of them are dropped.
+  ``on_stale`` with their inodes, so cached data and the kernel's pages of them are dropped; a
+  relist that added or removed entries calls ``on_entries_changed`` with the directory, so the
+  kernel's cached copy of its entries is dropped.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class Lister:
         self.listed_once = trio.Event()
         #: called with inodes whose data changed or that are gone: drop cached data and pages
         self.on_stale: Callable[[list[int]], None] = lambda inos: None
+        #: called with a directory whose listing gained or lost entries: drop the kernel's copy
+        self.on_entries_changed: Callable[[int], None] = lambda ino: None
         #: called when a listing could not be written to LMDB (the cache disk is full)
         self.on_write_error: Callable[[Exception], None] = lambda exc: None
 
@@ -80,6 +84,11 @@ class Lister:
         if new is None:
             raise NotFound(f"{rec.rel!r} is gone")
         return new
+
+    def revalidate(self, rec: Record) -> None:
+        """List a directory past its TTL again, in the background (never waits)."""
+        if rec.listed_at > 0 and self.ttl > 0 and not self.fresh(rec) and self.nursery is not None:
+            self._background(rec)
 
     async def lookup(self, parent: Record, name: bytes) -> Record | None:
         """The entry ``name`` of directory ``parent``, or None. In a directory never listed,
@@ -156,6 +165,8 @@ class Lister:
             if removed:
                 self.on_stale(removed)
             await trio.sleep(0)
+        if merge.entries_changed:
+            self.on_entries_changed(rec.ino)
         self.writes += merge.writes
         files, size = self.meta.totals()
         metrics.listing_objects.set(files)

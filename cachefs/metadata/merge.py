@@ -52,6 +52,7 @@ class Merge:
     changed: list[int] = field(default_factory=list)  # files whose data changed (this page)
     removed: list[int] = field(default_factory=list)  # files removed (this page)
     skipped: int = 0  # keys that cannot be file names
+    entries_changed: bool = False  # an entry was added or removed (not just a file changed)
     writes: int = 0  # records written, for tests and the benchmark
     #: objects whose name is an LMDB directory that this listing has not reached yet ("n" lists
     #: before "n/"): created if that directory turns out to be gone, dropped if it is listed
@@ -113,6 +114,7 @@ class Merge:
             return
         self.meta._remove(txn, rec, self.removed)
         self.writes += 1
+        self.entries_changed = True
         if deferred is not None:  # the directory is gone: the object of that name appears
             self._file(txn, deferred[0], deferred[1], None)
 
@@ -163,11 +165,13 @@ class Merge:
             if rec.is_dir:
                 return  # created meanwhile (a probe, a mkdir)
             meta._remove(txn, rec, self.removed)  # a key that is both: the directory wins
+            self.entries_changed = True
         rec = Record(meta._alloc(txn), Kind.DIR, self.dir.ino, 0, 0, "", self.started, 0.0,
                      self.dir.rel + name + "/")
         txn.put(dkey, _U64.pack(rec.ino), db=meta.dirents)
         txn.put(_U64.pack(rec.ino), rec.pack(), db=meta.inodes)
         self.writes += 1
+        self.entries_changed = True
 
     def _file(self, txn: lmdb.Transaction, name: str, info: tuple[int, str, float],
               found: tuple[bytes, int] | None) -> None:
@@ -184,6 +188,7 @@ class Merge:
                 txn.put(_U64.pack(rec.ino), rec.pack(), db=meta.inodes)
                 meta._adjust(txn, 1, size)
                 self.writes += 1
+                self.entries_changed = True
                 return
             rec = meta._child(txn, bytes(child))  # created meanwhile
             if rec.is_dir:
