@@ -10,7 +10,7 @@ IBM's SDKs do), so a token in use always has a fifth of its life left. Every req
 token when it is sent: a read or prefetch that lasts longer than a token uses fresh ones.
 
 If a refresh fails while the current token is still valid, the current one is used and the
-refresh is tried again a second later; once it has expired, the failure is the request's: a
+refresh is tried again a second later; once it is about to expire, the failure is the request's: a
 refused key is ``AccessDenied`` (exit code 3 at mount time), an unreachable endpoint
 ``Unreachable``, anything else ``TemporaryFailure`` (retried by ``retry.py``). Neither the key
 nor a token ever goes into a message.
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 DEFAULT_AUTH_ENDPOINT = "https://iam.cloud.ibm.com/identity/token"
 GRANT_TYPE = "urn:ibm:params:oauth:grant-type:apikey"
 REFRESH_AT = 0.8  # of a token's lifetime
+# A token is not handed out in the last 5% of its life (at most 30 s): a request must reach the
+# store before the token expires.
+EXPIRY_MARGIN = 0.05
+EXPIRY_MARGIN_MAX = 30.0
 RETRY_AFTER = 1.0  # seconds between refresh attempts while the current token is still valid
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
@@ -65,7 +69,7 @@ class Tokens:
                                          timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT))
         self._lock = threading.Lock()
         self._token: str | None = None
-        self._expires = 0.0  # time.monotonic()
+        self._usable = 0.0  # time.monotonic() until which the token may be handed out
         self._refresh = 0.0  # when to exchange the key again
         self.exchanges = 0
 
@@ -85,14 +89,14 @@ class Tokens:
             try:
                 token, lifetime = self._exchange()
             except BackendError as exc:
-                if self._token is not None and now < self._expires:
-                    log.warning("IBM IAM token refresh failed (%s); using the current token until it "
-                                "expires in %.0f s", exc, self._expires - now)
-                    self._refresh = now + RETRY_AFTER
+                if self._token is not None and now < self._usable:
+                    log.warning("IBM IAM token refresh failed (%s); using the current token for "
+                                "%.0f s more", exc, self._usable - now)
+                    self._refresh = min(now + RETRY_AFTER, self._usable)
                     return self._token
                 raise
             self._token = token
-            self._expires = now + lifetime
+            self._usable = now + lifetime - min(lifetime * EXPIRY_MARGIN, EXPIRY_MARGIN_MAX)
             self._refresh = now + lifetime * REFRESH_AT
             self.exchanges += 1
             return token
