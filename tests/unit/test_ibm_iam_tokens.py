@@ -38,5 +38,6 @@ def test_refresh_before_expiry_and_failures_while_valid() -> None:
 
 def test_unreachable_endpoint() -> None:
     tokens = Tokens(IamKey("k", None, "http://127.0.0.1:9/identity/token"))
-    with pytest.raises(Unreachable, match=re.escape("IBM IAM token endpoint http://127.0.0.1:9/identity/token: cannot connect")):
+    message = "IBM IAM token endpoint http://127.0.0.1:9/identity/token: cannot connect"
+    with pytest.raises(Unreachable, match=re.escape(message)):
         tokens.token()
