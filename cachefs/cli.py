@@ -50,7 +50,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if _SECRET_IN_URL.search(url):
             raise UsageError(f"credentials in {what} are refused (they would show in ps and logs); use "
                              "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, IBM_API_KEY_ID(_FILE), "
-                            "AZURE_STORAGE_SAS_TOKEN(_FILE) or --credentials FILE instead")
+                             "AZURE_STORAGE_SAS_TOKEN(_FILE) or --credentials FILE instead")
     from .logs import setup
     from .mount import Daemon, run_foreground
     from .source import parse_source
