@@ -17,7 +17,7 @@ once the mount is ready, one line and a nonzero exit code on failure):
 - ``allow_other``, ``uid=``, ``gid=``, ``noexec`` are honoured;
 - ignored: what mount(8) and systemd use themselves (``defaults``, ``auto``, ``noauto``,
   ``_netdev``, ``nofail``, ``user``, ``users``, ``nouser``, ``owner``, ``group``, ``x-*``,
-  ``comment=``), and what cachefs always decides (``exec``, ``suid``/``nosuid``, ``dev``/``nodev``:
+  ``comment=``, ``(u)helper=``), and what cachefs always decides (``exec``, ``suid``/``nosuid``, ``dev``/``nodev``:
   always nosuid,nodev; the atime family: always noatime; ``sync``/``async``: a closed file is
   already in the bucket; ``default_permissions``: implied by ``allow_other``);
 - anything else is refused with one line (exit code 2), unless mount(8) was given ``-s``.
@@ -42,7 +42,7 @@ _IGNORED = {
     "atime", "noatime", "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime",
     "nolazytime", "diratime", "nodiratime", "silent", "loud",
 }
-_IGNORED_PREFIXES = ("x-", "X-", "comment=", "user=")
+_IGNORED_PREFIXES = ("x-", "X-", "comment=", "user=", "helper=", "uhelper=")
 _UNSUPPORTED = {"remount": "remounting is not supported: unmount and mount again",
                 "bind": "bind mounts of a cachefs source are not supported",
                 "rbind": "bind mounts of a cachefs source are not supported",
@@ -170,3 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -28,35 +28,37 @@ from .mounts import cachefs, fuse_mounts, wait_daemon_gone
 
 pytestmark = pytest.mark.timeout(300)
 
-HELPER = Path("/sbin/mount.fuse.cachefs")
+HELPERS = {Path("/sbin/mount.fuse.cachefs"): "main"}
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def helper() -> Iterator[Path]:
+def helper() -> Iterator[None]:
     """/sbin/mount.fuse.cachefs running this tree's cachefs, for the module (one session at a
-    time: a lock serialises sessions that would swap it under each other)."""
+    time: a lock serialises sessions that would swap it under each other); what was there before
+    is put back."""
     if os.geteuid() != 0:
         pytest.fail("mount(8) tests need root (mount -t fuse.cachefs installs nothing for users)")
     lock = os.open("/run/lock/cachefs-mount-helper.lock", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)
-    saved: str | bytes | None = None
-    if HELPER.is_symlink():
-        saved = os.readlink(HELPER)
-    elif HELPER.exists():
-        saved = HELPER.read_bytes()
+    saved: dict[Path, str | bytes | None] = {}
+    for path in HELPERS:
+        saved[path] = os.readlink(path) if path.is_symlink() else path.read_bytes() if path.exists() else None
     try:
-        HELPER.unlink(missing_ok=True)
-        HELPER.write_text(f"#!/bin/sh\nPYTHONPATH='{REPO}' exec '{sys.executable}' -m cachefs.mounthelper \"$@\"\n")
-        HELPER.chmod(0o755)
-        yield HELPER
+        for path, func in HELPERS.items():
+            path.unlink(missing_ok=True)
+            path.write_text(f"#!/bin/sh\nPYTHONPATH='{REPO}' exec '{sys.executable}' -c "
+                            f"'import sys; from cachefs.mounthelper import {func}; sys.exit({func}())' \"$@\"\n")
+            path.chmod(0o755)
+        yield
     finally:
-        HELPER.unlink(missing_ok=True)
-        if isinstance(saved, str):
-            HELPER.symlink_to(saved)
-        elif isinstance(saved, bytes):
-            HELPER.write_bytes(saved)
-            HELPER.chmod(0o755)
+        for path, old in saved.items():
+            path.unlink(missing_ok=True)
+            if isinstance(old, str):
+                path.symlink_to(old)
+            elif isinstance(old, bytes):
+                path.write_bytes(old)
+                path.chmod(0o755)
         os.close(lock)
 
 
@@ -125,7 +127,7 @@ def cleanup(mnt: Path, cache: Path) -> Iterator[None]:
             wait_daemon_gone(cache)
 
 
-def test_mount_t_with_options_then_umount(helper: Path, moto: Server, bucket: str, tmp_path: Path) -> None:
+def test_mount_t_with_options_then_umount(helper: None, moto: Server, bucket: str, tmp_path: Path) -> None:
     files = {f"train/{i:03d}.bin": os.urandom(3000 + i) for i in range(20)}
     moto.upload(bucket, files)
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
@@ -164,7 +166,7 @@ def test_mount_t_with_options_then_umount(helper: Path, moto: Server, bucket: st
         assert f"unmounted {mnt}" in log and "Traceback" not in log
 
 
-def test_rw_is_a_read_write_mount_and_data_reaches_the_bucket(helper: Path, moto: Server, bucket: str,
+def test_rw_is_a_read_write_mount_and_data_reaches_the_bucket(helper: None, moto: Server, bucket: str,
                                                                tmp_path: Path) -> None:
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     creds = credentials_file(tmp_path, moto)
@@ -180,11 +182,11 @@ def test_rw_is_a_read_write_mount_and_data_reaches_the_bucket(helper: Path, moto
         assert moto.get(bucket, "out/ckpt.bin") == data
         pid = daemon_pid(mnt)
         assert run("umount", str(mnt)).returncode == 0
-        assert gone(pid)
+        assert str(mnt) not in fuse_mounts() and gone(pid)
     assert moto.get(bucket, "out/ckpt.bin") == data
 
 
-def test_fstab_line_with_mount_T(helper: Path, moto: Server, bucket: str, tmp_path: Path) -> None:
+def test_fstab_line_with_mount_T(helper: None, moto: Server, bucket: str, tmp_path: Path) -> None:
     files = {f"d/{i}.txt": f"line {i}\n".encode() for i in range(5)}
     moto.upload(bucket, files)
     mnt, cache = tmp_path / "data", tmp_path / "cache"
@@ -232,7 +234,7 @@ def test_fuse3_mount_helper_runs_cachefs_from_path(moto: Server, bucket: str, tm
         assert run("umount", str(mnt)).returncode == 0
 
 
-def test_sloppy_and_fake(helper: Path, moto: Server, bucket: str, tmp_path: Path) -> None:
+def test_sloppy_and_fake(helper: None, moto: Server, bucket: str, tmp_path: Path) -> None:
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     creds = credentials_file(tmp_path, moto)
     base = f"ro,credentials={creds},endpoint_url={moto.endpoint_url},cache_dir={cache}"
@@ -264,7 +266,7 @@ BAD = [
 
 
 @pytest.mark.parametrize(("option", "code", "message"), BAD, ids=[b[0].split("=")[0].lower() for b in BAD])
-def test_bad_options_one_line_and_nonzero(helper: Path, moto: Server, bucket: str, tmp_path: Path,
+def test_bad_options_one_line_and_nonzero(helper: None, moto: Server, bucket: str, tmp_path: Path,
                                           option: str, code: int, message: str) -> None:
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     creds = credentials_file(tmp_path, moto)
