@@ -1,5 +1,7 @@
-"""The systemd mount and automount examples (daemon/mnt-train.*): systemd accepts them, and
-their options are ones the mount(8) helper takes (the mounts themselves: tests/fuse/test_fstab.py)."""
+"""The systemd mount and automount examples (daemon/mnt-train.*) and the README's fstab line:
+systemd accepts them (systemd-analyze; systemd's fstab generator), and their options are ones the
+mount(8) helper takes. No systemd runs here (no PID 1 systemd): the mounts themselves are in
+tests/fuse/test_fstab.py."""
 
 from __future__ import annotations
 
@@ -39,3 +41,36 @@ def test_mount_unit_after_network_and_options_accepted() -> None:
     args = translate(mount["What"], mount["Where"], mount["Options"].split(","))
     assert args[:3] == ["mount", mount["What"], "/mnt/train"]
     assert "--credentials" in args and "--read-write" not in args  # ro, with a credentials file
+
+
+def readme_fstab_line() -> str:
+    lines = [line for line in (DAEMON.parent / "README.md").read_text().splitlines()
+             if " fuse.cachefs " in line and line.startswith("s3://")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_readme_fstab_line_mounts_after_the_network(tmp_path: Path) -> None:
+    """systemd's own fstab generator turns the README's line into a mount wanted by
+    remote-fs.target (ordered after network-online.target), and with x-systemd.automount into
+    an automount; the helper takes its options."""
+    generator = Path("/lib/systemd/system-generators/systemd-fstab-generator")
+    assert generator.exists(), "systemd-fstab-generator is missing: ./install.sh --test installs systemd"
+    line = readme_fstab_line()
+    source, where, fstype, options = line.split()[:4]
+    assert fstype == "fuse.cachefs" and "_netdev" in options.split(",") and "ro" in options.split(",")
+    assert "--read-write" not in translate(source, where, options.split(","))
+    fstab = tmp_path / "fstab"
+    automount = line.replace(where, "/mnt/val").replace(options, options + ",x-systemd.automount")
+    fstab.write_text(line + "\n" + automount + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {"SYSTEMD_FSTAB": str(fstab), "SYSTEMD_PROC_CMDLINE": "", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    res = subprocess.run([str(generator), str(out), str(out), str(out)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    unit = settings(out / "mnt-train.mount")
+    assert (unit["What"], unit["Where"], unit["Type"]) == (source, where, fstype)
+    assert (out / "remote-fs.target.wants" / "mnt-train.mount").exists()
+    assert (out / "remote-fs.target.wants" / "mnt-val.automount").exists()
+    assert settings(out / "mnt-val.automount")["Where"] == "/mnt/val"
