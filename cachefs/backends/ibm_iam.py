@@ -7,7 +7,9 @@ default; set it for private endpoints). The key is exchanged with the standard A
 (``grant_type=urn:ibm:params:oauth:grant-type:apikey``) for an access token; ``Tokens.token()``
 hands out the current one and exchanges the key again once 80% of its lifetime has passed (what
 IBM's SDKs do), so a token in use always has a fifth of its life left. Every request asks for the
-token when it is sent: a read or prefetch that lasts longer than a token uses fresh ones.
+token when it is sent: a read or prefetch that lasts longer than a token uses fresh ones. When
+the store refuses a token before its time (revoked), the backend calls ``expire`` and sends the
+request once more with a new one (``S3Backend._token_retry``).
 
 If a refresh fails while the current token is still valid, the current one is used and the
 refresh is tried again a second later; once it is about to expire, the failure is the request's: a
@@ -44,6 +46,10 @@ CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
 
 
+class KeyRefused(AccessDenied):
+    """The token endpoint refused the API key (not the store a token)."""
+
+
 @dataclass(frozen=True)
 class IamKey:
     api_key: str
@@ -77,6 +83,19 @@ class Tokens:
     def secrets(self) -> tuple[str, ...]:
         """The key and the current token, for the log redactor (tokens are also scrubbed by form)."""
         return tuple(s for s in (self.key.api_key, self._token) if s)
+
+    @property
+    def current(self) -> str | None:
+        """The token handed out last (None before the first exchange)."""
+        return self._token
+
+    def expire(self, token: str | None) -> None:
+        """The store refused ``token``: if it is still the current one, exchange the key again
+        at the next request (and do not fall back on it if that fails)."""
+        with self._lock:
+            if token is not None and token == self._token:
+                log.info("the store refused the current IBM IAM token; exchanging the API key again")
+                self._refresh = self._usable = 0.0
 
     def token(self) -> str:
         now = time.monotonic()
@@ -128,7 +147,7 @@ class Tokens:
             detail = " ".join(str(body.get(k, "")) for k in ("errorCode", "errorMessage")).strip()
             detail = redact(detail, (self.key.api_key,))[:200]
             if resp.status in (400, 401, 403):
-                raise AccessDenied(f"{where} refused the API key ({resp.status}{': ' + detail if detail else ''})")
+                raise KeyRefused(f"{where} refused the API key ({resp.status}{': ' + detail if detail else ''})")
             if temporary_status(resp.status):
                 raise TemporaryFailure(f"{where}: {resp.status}")
             raise BackendError(f"{where}: refused ({resp.status}{': ' + detail if detail else ''})")

@@ -35,8 +35,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote_plus
 from xml.etree import ElementTree
 
@@ -59,9 +60,10 @@ from ..errors import (
 )
 from ..source import Source
 from .base import Backend, ListPage, ObjectInfo
-from .ibm_iam import Tokens, key_from_env
+from .ibm_iam import KeyRefused, Tokens, key_from_env
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONNECT_TIMEOUT = 5  # seconds; an endpoint that does not accept a TCP connection in 5 s is down
 READ_TIMEOUT = 30  # seconds without a byte on an open connection
@@ -303,12 +305,32 @@ class S3Backend(Backend):
         return TemporaryFailure(f"{what}: {type(exc).__name__}")
 
     def _run(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        def once() -> Any:
+            try:
+                return fn(**kwargs)
+            except BackendError:
+                raise
+            except Exception as exc:
+                raise self.translate(exc, what) from exc
+
+        return self._token_retry(once)
+
+    def _token_retry(self, call: Callable[[], T]) -> T:
+        """``call()``; under IBM IAM, once more with a new token when the store refused the one
+        sent (revoked, or expired early by the store's clock). A refusal for what the key may
+        not do is refused again and raised."""
+        if self.tokens is None:
+            return call()
+        sent = self.tokens.current
         try:
-            return fn(**kwargs)
-        except BackendError:
+            return call()
+        except KeyRefused:
             raise
-        except Exception as exc:
-            raise self.translate(exc, what) from exc
+        except AccessDenied:
+            if sent is None:  # a token fresh from the endpoint
+                raise
+            self.tokens.expire(sent)
+        return call()
 
     def _check_sync(self) -> None:
         try:
@@ -371,9 +393,9 @@ class S3Backend(Backend):
     def _get_once(self, key: str, start: int, length: int, etag: str | None, *, if_match: bool) -> bytes:
         """One ranged GET, pinned to ``etag`` with If-Match (``if_match``) or by comparing the
         response's ETag with it."""
-        store = self._data_store()
-        if store is not None:
-            got = self._get_obstore(store, key, start, length, etag if if_match else None)
+        if self._data_store() is not None:
+            got = self._token_retry(
+                lambda: self._get_obstore(self._data_store(), key, start, length, etag if if_match else None))
             if got is not None:
                 data, got_etag = got
                 _check_etag(key, etag, got_etag, if_match)

@@ -67,6 +67,11 @@ class IamServer:
             self.grants += 1
         return token, expires
 
+    def revoke(self) -> None:
+        """Revoke every token issued so far (the store refuses them from now on)."""
+        with self._lock:
+            self.issued.clear()
+
     def authorize(self, head: bytes) -> bool:
         """Whether a request (its head, as bytes) carries a token issued here that has not expired."""
         match = _BEARER.search(head)

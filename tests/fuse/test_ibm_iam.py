@@ -110,6 +110,26 @@ def test_reads_prefetch_and_writes_across_token_expiries(store: IamStore, tmp_pa
     assert raw_status(store.proxy, f"/{store.bucket}/big.bin", fresh) == 200
 
 
+def test_a_token_the_store_refuses_is_replaced(store: IamStore, tmp_path: Path) -> None:
+    """A token revoked before it expires: the store's refusal makes cachefs exchange the key
+    again and send the request once more; the reader sees nothing."""
+    files = {f"r/{i}.bin": os.urandom(3000 + i) for i in range(4)}
+    store.server.upload(store.bucket, files)
+    store.iam.ttl = 3600
+    for data_path in ("obstore", "boto3"):
+        cache = tmp_path / f"cache-{data_path}"
+        with mounted(f"cos://{store.bucket}", tmp_path / "mnt", cache, store.env(CACHEFS_S3_DATA_PATH=data_path),
+                     *store.args) as m:
+            assert (m.path / "r/0.bin").read_bytes() == files["r/0.bin"]
+            grants = store.iam.grants
+            store.iam.revoke()
+            for key in ("r/1.bin", "r/2.bin"):
+                assert (m.path / key).read_bytes() == files[key]
+            assert store.iam.grants == grants + 1  # one exchange, not one per request
+        assert store.iam.denied == ["unknown"]  # the one refusal, then the new token
+        store.iam.denied.clear()
+
+
 def test_api_key_from_a_file_and_from_a_credentials_file(store: IamStore, tmp_path: Path) -> None:
     store.server.upload(store.bucket, {"a.txt": b"key from a file\n"})
     key_file = tmp_path / "apikey"
