@@ -58,7 +58,9 @@ main() {
   else
     .venv/bin/python -m pip install -q -e '.[demo]'
   fi
-  echo "install.sh: done; run .venv/bin/cachefs --help"
+  # mount(8) runs /sbin/mount.fuse.<subtype> for `mount -t fuse.cachefs` and fstab lines.
+  $SUDO ln -sfn "$PWD/.venv/bin/mount.fuse.cachefs" /sbin/mount.fuse.cachefs
+  echo "install.sh: done; run .venv/bin/cachefs --help (mount(8) helper: /sbin/mount.fuse.cachefs)"
 }
 
 main "$@"

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import config, control
+from . import config, control, credentials
 from .errors import CachefsError, MountError, UsageError, redact
 
 log = logging.getLogger("cachefs")
@@ -44,10 +44,13 @@ _SECRET_IN_URL = re.compile(r"(?i)([?&](sig|sv|se|x-amz-signature|x-amz-credenti
 
 def cmd_mount(args: argparse.Namespace) -> int:
     cfg = config.resolve(args)
+    if cfg.credentials:
+        credentials.apply_file(cfg.credentials)
     for what, url in (("SOURCE", cfg.source), ("--endpoint-url", cfg.endpoint_url or "")):
         if _SECRET_IN_URL.search(url):
             raise UsageError(f"credentials in {what} are refused (they would show in ps and logs); use "
-                             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AZURE_STORAGE_SAS_TOKEN(_FILE) instead")
+                             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, IBM_API_KEY_ID(_FILE), "
+                             "AZURE_STORAGE_SAS_TOKEN(_FILE) or --credentials FILE instead")
     from .logs import setup
     from .mount import Daemon, run_foreground
     from .source import parse_source
@@ -315,9 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mount", help="mount SOURCE on MOUNTPOINT (returns once the mount is ready)",
                        description="Mount SOURCE read-only on MOUNTPOINT. Credentials come from the "
-                                   "environment (AWS chain; AZURE_STORAGE_CONNECTION_STRING/KEY/"
-                                   "SAS_TOKEN or their _FILE forms; managed identity), never from "
-                                   "the command line.")
+                                   "environment (AWS chain; IBM_API_KEY_ID or IBM_API_KEY_ID_FILE "
+                                   "for IBM COS IAM API keys; AZURE_STORAGE_CONNECTION_STRING/KEY/"
+                                   "SAS_TOKEN or their _FILE forms; managed identity) or a file "
+                                   "named by --credentials, never from the command line.")
     config.add_arguments(p)
     p.set_defaults(func=cmd_mount)
 
@@ -349,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and "://" in argv[0]:
+        # `cachefs SOURCE MOUNTPOINT -o OPTIONS`: how fuse3's mount.fuse runs a fuse.cachefs
+        # mount when mount(8) finds no mount.fuse.cachefs.
+        from .mounthelper import main as mount_helper
+
+        return mount_helper(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

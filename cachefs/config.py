@@ -175,6 +175,9 @@ OPTIONS: list[Option] = [
     Option("region", str, None, "S3 region", metavar="NAME"),
     Option("profile", str, None, "AWS shared-credentials profile", metavar="NAME"),
     Option("account", str, None, "Azure storage account (default $AZURE_STORAGE_ACCOUNT)", metavar="NAME"),
+    Option("credentials", str, None,
+           "read credentials from FILE: NAME=value lines of the variables the environment would carry "
+           "(AWS_*, AZURE_*, IBM_*); for fstab and systemd mounts", metavar="FILE"),
     Option("foreground", parse_bool, False, "stay attached (containers, systemd)", flag=True),
     Option("prefetch", parse_bool, False, "prefetch everything mounted into the cache at start",
            flag=True),
@@ -194,6 +197,7 @@ OPTIONS: list[Option] = [
            "permission bits shown for files (default: 0444, 0644 with --read-write)", metavar="OCTAL"),
     Option("dir-mode", parse_mode, None,
            "permission bits shown for directories (default: 0555, 0755 with --read-write)", metavar="OCTAL"),
+    Option("noexec", parse_bool, False, "files in the mount cannot be executed", flag=True),
     Option("read-write", parse_bool, False,
            "allow writes: files are staged in the cache dir and uploaded at close/fsync", flag=True),
     Option("writeback-interval", parse_duration, 30.0,
@@ -281,6 +285,8 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
         raise UsageError("missing MOUNTPOINT; see cachefs mount --help")
     if isinstance(values["cache_size"], int) and values["cache_size"] <= 0:
         raise UsageError("--cache-size must be larger than 0")
-    # The daemon changes to / when it detaches: a relative cache dir must be resolved here.
+    # The daemon changes to / when it detaches: relative paths must be resolved here.
     values["cache_dir"] = os.path.abspath(values["cache_dir"])
+    if values["credentials"]:
+        values["credentials"] = os.path.abspath(values["credentials"])
     return MountConfig(str(source), os.path.abspath(str(mountpoint)), values)

@@ -73,7 +73,9 @@ def temporary_status(status: int) -> bool:
 # could carry text from an SDK (which sometimes echoes connection strings or SAS URLs).
 _SECRET_PATTERNS = [
     re.compile(r"(?i)(AccountKey|SharedAccessSignature|sig|se|sp|sv|sr|skoid|sktid)=([^;&\s'\"]+)"),
-    re.compile(r"(?i)(aws_secret_access_key|secret_key|password|token)(['\"]?\s*[:=]\s*['\"]?)([^\s'\",}]+)"),
+    re.compile(r"(?i)(aws_secret_access_key|secret_key|password|token|apikey|api_key_id)"
+               r"(['\"]?\s*[:=]\s*['\"]?)([^\s'\",}]+)"),
+    re.compile(r"(?i)(bearer\s+)([^\s'\",}]+)"),  # an Authorization header (IBM IAM tokens)
 ]
 
 
@@ -84,4 +86,5 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
             text = text.replace(secret, "***")
     text = _SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)}=***", text)
     text = _SECRET_PATTERNS[1].sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    text = _SECRET_PATTERNS[2].sub(lambda m: f"{m.group(1)}***", text)
     return text

@@ -215,10 +215,15 @@ class Daemon:
         sock_path = control_socket_path(ns_dir)
         ops = CachefsOperations(core, sock_path)
 
-        options = {"fsname=cachefs", "subtype=cachefs", "noatime", "nodev", "nosuid",
+        # The source as the mount's device name (df, findmnt; `mount -a` finds an fstab line
+        # mounted already by it). libfuse splits options at unescaped commas.
+        fsname = cfg.source.replace("\\", "\\\\").replace(",", "\\,")
+        options = {f"fsname={fsname}", "subtype=cachefs", "noatime", "nodev", "nosuid",
                    "rw" if rw else "ro"}
         if cfg.allow_other:
             options |= {"allow_other", "default_permissions"}
+        if cfg.noexec:
+            options.add("noexec")
         try:
             pyfuse3.init(ops, cfg.mountpoint, options)
         except RuntimeError as exc:

@@ -7,6 +7,13 @@ credentials: it costs ~10x less CPU per request than botocore, which otherwise c
 few hundred small files per second per core (see bench/RESULTS.md). ``CACHEFS_S3_DATA_PATH=boto3``
 switches the GETs back to boto3 (for comparison, or a store obstore cannot talk to).
 
+With an IBM Cloud IAM API key in the environment (``IBM_API_KEY_ID`` or ``IBM_API_KEY_ID_FILE``;
+see ``ibm_iam``), which wins over any AWS credentials, every request carries
+``Authorization: Bearer TOKEN`` instead of a SigV4 signature: boto3's clients are unsigned and a
+``before-sign`` hook adds the current token to each request; obstore's GETs are unsigned
+(``skip_signature``) with the token as a default header of a store rebuilt whenever the token
+changes (obstore has no hook per request).
+
 No SDK retries its own requests (``retry.py`` owns retries), and path-style addressing is used
 with a custom endpoint, which IBM COS, MinIO and SeaweedFS expect.
 
@@ -28,8 +35,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote_plus
 from xml.etree import ElementTree
 
@@ -52,8 +60,10 @@ from ..errors import (
 )
 from ..source import Source
 from .base import Backend, ListPage, ObjectInfo
+from .ibm_iam import KeyRefused, Tokens, key_from_env
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONNECT_TIMEOUT = 5  # seconds; an endpoint that does not accept a TCP connection in 5 s is down
 READ_TIMEOUT = 30  # seconds without a byte on an open connection
@@ -178,7 +188,11 @@ class S3Backend(Backend):
             session = boto3.session.Session(botocore_session=core, profile_name=profile, region_name=region)
         except botocore.exceptions.ProfileNotFound as exc:
             raise AccessDenied(f"AWS profile {profile!r} not found") from exc
+        iam_key = key_from_env()
+        #: IBM IAM bearer tokens, when an API key is configured (else requests are SigV4-signed)
+        self.tokens = Tokens(iam_key) if iam_key is not None else None
         config = Config(
+            signature_version=botocore.UNSIGNED if self.tokens is not None else None,
             retries={"total_max_attempts": 1},
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=READ_TIMEOUT,
@@ -201,35 +215,71 @@ class S3Backend(Backend):
         # parser, and read with ElementTree's C parser in ``_parse_listing`` (~10x less).
         self._listing = threading.local()
         self.list_client.meta.events.register("before-parse.s3.ListObjectsV2", self._take_listing)
-        creds = session.get_credentials()
-        if creds is not None:
-            frozen = creds.get_frozen_credentials()
-            self.secrets = tuple(s for s in (frozen.secret_key, frozen.token) if s)
         #: False once the store refused an If-Match GET: versions are checked by response ETag
         self.conditional_get = True
         self.data_path = os.environ.get("CACHEFS_S3_DATA_PATH", "obstore")
         self.store: Any = None
+        self._session, self._max_connections = session, max_connections
+        if self.tokens is not None:
+            for client in (self.client, self.list_client):
+                client.meta.events.register("before-sign.s3", self._authorize)
+            self.secrets = (self.tokens.key.api_key,)
+            self._bearer_lock = threading.Lock()
+            self._bearer: tuple[dict[str, str], Any] | None = None  # (headers, obstore store) in use
+            return
+        creds = session.get_credentials()
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            self.secrets = tuple(s for s in (frozen.secret_key, frozen.token) if s)
         if self.data_path == "obstore" and creds is not None:
-            self.store = self._obstore(session, endpoint_url, max_connections)
+            from obstore.auth.boto3 import Boto3CredentialProvider
 
-    def _obstore(self, session: boto3.session.Session, endpoint_url: str | None, max_connections: int) -> Any:
-        from obstore.auth.boto3 import Boto3CredentialProvider
+            self.store = self._obstore(credential_provider=Boto3CredentialProvider(session))
+
+    def _obstore(self, *, credential_provider: Any = None, headers: dict[str, str] | None = None) -> Any:
+        """An obstore S3 store signing with ``credential_provider``, or unsigned and sending
+        ``headers`` with every request."""
         from obstore.store import S3Store
 
-        region = session.region_name or "us-east-1"
-        config: dict[str, Any] = {"region": region}
+        endpoint_url = self.endpoint_url
+        config: dict[str, Any] = {"region": self._session.region_name or "us-east-1"}
         if endpoint_url:
             config.update(endpoint=endpoint_url, virtual_hosted_style_request=False)
+        client_options: dict[str, Any] = {
+            "allow_http": bool(endpoint_url and endpoint_url.startswith("http://")),
+            "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT),
+            "timeout": timedelta(seconds=READ_TIMEOUT),
+            "pool_max_idle_per_host": str(self._max_connections)}
+        if headers is not None:
+            config["skip_signature"] = True
+            client_options["default_headers"] = headers
         return S3Store(
             self.source.bucket,
             config=config,  # type: ignore[arg-type]
-            client_options={"allow_http": bool(endpoint_url and endpoint_url.startswith("http://")),
-                            "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT),
-                            "timeout": timedelta(seconds=READ_TIMEOUT),
-                            "pool_max_idle_per_host": str(max_connections)},
+            client_options=client_options,  # type: ignore[arg-type]
             retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=1)},
-            credential_provider=Boto3CredentialProvider(session),
+            credential_provider=credential_provider,
         )
+
+    def _authorize(self, request: Any, **kwargs: Any) -> None:
+        """botocore hook (IBM IAM): the current bearer token instead of a signature."""
+        assert self.tokens is not None
+        for name, value in self.tokens.headers().items():
+            request.headers[name] = value
+
+    def _data_store(self) -> Any:
+        """The obstore store for GETs (None: GETs go through boto3). Under IBM IAM, a store
+        carrying the current token, built anew when the token changes."""
+        if self.tokens is None or self.data_path != "obstore":
+            return self.store
+        headers = self.tokens.headers()
+        current = self._bearer
+        if current is None or current[0] != headers:
+            with self._bearer_lock:
+                current = self._bearer
+                if current is None or current[0] != headers:
+                    current = self._bearer = (headers, self._obstore(headers=headers))
+        return current[1]
 
     def translate(self, exc: Exception, what: str) -> BackendError:
         if isinstance(exc, botocore.exceptions.ClientError):
@@ -255,12 +305,32 @@ class S3Backend(Backend):
         return TemporaryFailure(f"{what}: {type(exc).__name__}")
 
     def _run(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        def once() -> Any:
+            try:
+                return fn(**kwargs)
+            except BackendError:
+                raise
+            except Exception as exc:
+                raise self.translate(exc, what) from exc
+
+        return self._token_retry(once)
+
+    def _token_retry(self, call: Callable[[], T]) -> T:
+        """``call()``; under IBM IAM, once more with a new token when the store refused the one
+        sent (revoked, or expired early by the store's clock). A refusal for what the key may
+        not do is refused again and raised."""
+        if self.tokens is None:
+            return call()
+        sent = self.tokens.current
         try:
-            return fn(**kwargs)
-        except BackendError:
+            return call()
+        except KeyRefused:
             raise
-        except Exception as exc:
-            raise self.translate(exc, what) from exc
+        except AccessDenied:
+            if sent is None:  # a token fresh from the endpoint
+                raise
+            self.tokens.expire(sent)
+        return call()
 
     def _check_sync(self) -> None:
         try:
@@ -323,8 +393,9 @@ class S3Backend(Backend):
     def _get_once(self, key: str, start: int, length: int, etag: str | None, *, if_match: bool) -> bytes:
         """One ranged GET, pinned to ``etag`` with If-Match (``if_match``) or by comparing the
         response's ETag with it."""
-        if self.store is not None:
-            got = self._get_obstore(key, start, length, etag if if_match else None)
+        if self._data_store() is not None:
+            got = self._token_retry(
+                lambda: self._get_obstore(self._data_store(), key, start, length, etag if if_match else None))
             if got is not None:
                 data, got_etag = got
                 _check_etag(key, etag, got_etag, if_match)
@@ -345,7 +416,8 @@ class S3Backend(Backend):
         _check_etag(key, etag, resp.get("ETag"), if_match)
         return bytes(data)
 
-    def _get_obstore(self, key: str, start: int, length: int, etag: str | None) -> tuple[bytes, str | None] | None:
+    def _get_obstore(self, store: Any, key: str, start: int, length: int,
+                     etag: str | None) -> tuple[bytes, str | None] | None:
         """The bytes and the response's ETag, or None for a key obstore cannot express (its
         paths drop a leading or trailing "/" and refuse control characters, "." and ".."
         segments): boto3 gets those."""
@@ -358,7 +430,7 @@ class S3Backend(Backend):
         if etag:
             options["if_match"] = f'"{etag}"'
         try:
-            result = obstore.get(self.store, key, options=options)  # type: ignore[arg-type]
+            result = obstore.get(store, key, options=options)  # type: ignore[arg-type]
             return bytes(result.bytes()), result.meta.get("e_tag")
         except obexc.NotFoundError as exc:
             raise NotFound(f"get {key!r}: not found") from exc
@@ -484,3 +556,5 @@ class S3Backend(Backend):
     def _close_sync(self) -> None:
         self.client.close()
         self.list_client.close()
+        if self.tokens is not None:
+            self.tokens.close()

@@ -24,6 +24,9 @@ Content-Length), at a ``rate`` per request, for the next ``count`` requests and/
 
 ``refuse_if_match`` (an attribute, not a fault) makes the proxy a store without conditional
 GETs: every request with an ``If-Match`` header is answered ``501 Not Implemented``.
+``authorize`` (an attribute: a function of a request head) makes it a store that checks
+credentials: a request it returns False for is answered ``403 AccessDenied`` (counted in
+``stats.denied``); ``cachefs.testing.iam`` has one for IBM IAM bearer tokens.
 
 ``inject`` also takes a tuple of kinds (not ``outage``): each faulted request then gets one of
 them at random, e.g. ``inject(("error", "reset", "cut"), rate=0.1)``. ``stats`` counts
@@ -78,6 +81,7 @@ _ERRORS = {  # kind: (status line, S3 code, Azure code)
     "error": (b"503 Slow Down", b"SlowDown", b"ServerBusy"),
     "error500": (b"500 Internal Server Error", b"InternalError", b"InternalError"),
     "no_if_match": (b"501 Not Implemented", b"NotImplemented", b"UnsupportedHeader"),
+    "denied": (b"403 Forbidden", b"AccessDenied", b"AuthenticationFailed"),
 }
 _IF_MATCH = re.compile(rb"\r\nif-match:", re.IGNORECASE)
 
@@ -103,6 +107,7 @@ class Stats:
 
     connections: int = 0
     requests: int = 0
+    denied: int = 0  # requests ``authorize`` refused
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     #: (kind, request line) of the latest faulted requests, e.g. ("error", "PUT /b/k?partNumber=2&...")
     faulted: collections.deque[tuple[str, str]] = field(
@@ -124,6 +129,8 @@ class LatencyProxy:
         #: answer every request with an If-Match header "501 Not Implemented", as a store
         #: without conditional GETs does (not a fault: a property of the store)
         self.refuse_if_match = False
+        #: a request head -> whether the store accepts its credentials (None: any request)
+        self.authorize: Callable[[bytes], bool] | None = None
         self.plan = FaultPlan()
         self.stats = Stats()
         self._rng = random.Random(seed)
@@ -427,6 +434,10 @@ class _Connection:
                 self.proxy.stats.requests += 1
                 if self.proxy.refuse_if_match and _IF_MATCH.search(request):
                     await self._answer_error("no_if_match", request)
+                    return
+                if self.proxy.authorize is not None and not self.proxy.authorize(request):
+                    self.proxy.stats.denied += 1
+                    await self._answer_error("denied", request)
                     return
                 fault, plan = self.proxy._roll()
                 if fault is not None:

@@ -105,6 +105,27 @@ def test_s3_credentials_never_show(faulty_moto: Faulty, tmp_path: Path) -> None:
     assert_no_secret(seen, [secret, token])
 
 
+def test_ibm_api_key_and_iam_tokens_never_show(faulty_moto: Faulty, tmp_path: Path) -> None:
+    from cachefs.testing.iam import IamServer
+
+    key = f"IbmK3y-{uuid.uuid4().hex}"
+    b = faulty_moto.bucket
+    with IamServer(key, ttl=3) as iam:
+        faulty_moto.proxy.authorize = iam.authorize  # the store refuses requests without a valid token
+        env = {k: v for k, v in b.mount_env.items() if not k.startswith("AWS_")}
+        env.update(IBM_API_KEY_ID=key, IBM_AUTH_ENDPOINT=iam.url, AWS_EC2_METADATA_DISABLED="true")
+        seen = exercise(b, faulty_moto, env, tmp_path)
+        # A wrong key: its error must not show the key either.
+        wrong = f"Wr0ngK3y-{uuid.uuid4().hex}"
+        res = cachefs("mount", b.source, str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "c3"),
+                      *b.mount_args, "--log-level", "debug", env=dict(env, IBM_API_KEY_ID=wrong), timeout=60)
+        assert res.returncode == 3 and "refused the API key" in res.stderr, res.stderr
+        seen += [("wrong key stderr", res.stderr), ("wrong key log", daemon_log(tmp_path / "c3"))]
+        tokens = list(iam.issued)
+    assert len(tokens) >= 2 and iam.denied == []
+    assert_no_secret(seen, [key, wrong, *tokens])
+
+
 def test_azure_account_key_never_shows(faulty_azurite: Faulty, tmp_path: Path) -> None:
     b = faulty_azurite.bucket
     conn = b.mount_env["AZURE_STORAGE_CONNECTION_STRING"]
