@@ -48,13 +48,14 @@ main() {
     "$PY" -m venv .venv
   fi
   .venv/bin/python -m pip install -q --upgrade pip
+  # Exact versions from constraints.txt (refresh: .venv/bin/python tools/refresh_constraints.py).
   if [ "$want_test" -eq 1 ]; then
-    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
     if ! [ -x .venv/azurite/node_modules/.bin/azurite ]; then
       npm install --no-audit --no-fund --silent --prefix .venv/azurite azurite@3
     fi
   else
-    .venv/bin/python -m pip install -q -e '.[demo]'
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[demo]'
   fi
   echo "install.sh: done; run .venv/bin/cachefs --help"
 }
