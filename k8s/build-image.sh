@@ -41,22 +41,23 @@ say() { printf 'build-image: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 # The first URI of the machine's apt sources (deb822 or one-line format) serving $1 ("bookworm"
-# or "bookworm-security").
+# or "bookworm-security"); nothing if none (a missing file is no error).
 apt_uri() {
   local suite=$1
-  cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk -v suite="$suite" '
-    /^URIs:/ { uri = $2 }
-    /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == suite) found = uri }
-    /^$/ { uri = "" }
-    END { if (found) print found }'
-  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk -v suite="$suite" '
-    $1 == "deb" && $3 == suite { print $2; exit }'
+  {
+    cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk -v suite="$suite" '
+      /^URIs:/ { uri = $2 }
+      /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == suite) print uri }
+      /^$/ { uri = "" }' || true
+    cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk -v suite="$suite" '
+      $1 == "deb" && $3 == suite { print $2 }' || true
+  } | awk 'NR == 1'
 }
 
 bootstrap_base() {
   local tag=$1 mirror security work
-  mirror=${MIRROR:-$(apt_uri bookworm | head -n1)}
-  security=${SECURITY_MIRROR:-$(apt_uri bookworm-security | head -n1)}
+  mirror=${MIRROR:-$(apt_uri bookworm)}
+  security=${SECURITY_MIRROR:-$(apt_uri bookworm-security)}
   [ -n "$mirror" ] || die "no Debian mirror for bookworm in the apt sources: set MIRROR"
   work=$(mktemp -d /var/tmp/cachefs-base.XXXXXX)
   # shellcheck disable=SC2064  # expand $work now
