@@ -29,7 +29,8 @@ main() {
   start=$(date +%s)
   # Host network for the RUN steps (apt, pip); ulimits at or below the host's, which a
   # container may not raise.
-  podman build --runtime "$runtime" --network host \
+  # Docker format: OCI images drop SHELL (pipefail) and HEALTHCHECK.
+  podman build --format docker --runtime "$runtime" --network host \
       --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
       --build-arg BASE_IMAGE="$base" -t "$image" -f Dockerfile .
   took=$(( $(date +%s) - start ))
@@ -60,8 +61,9 @@ bootstrap_base() {
   security=${SECURITY_MIRROR:-$(apt_uri bookworm-security)}
   [ -n "$mirror" ] || die "no Debian mirror for bookworm in the apt sources: set MIRROR"
   work=$(mktemp -d /var/tmp/cachefs-base.XXXXXX)
+  # An interrupted debootstrap may leave /proc and /sys mounted in the tree: never delete into them.
   # shellcheck disable=SC2064  # expand $work now
-  trap "rm -rf '$work'" EXIT
+  trap "umount -R '$work/root/proc' '$work/root/sys' 2>/dev/null; rm -rf --one-file-system '$work'" EXIT
   say "debootstrap bookworm from $mirror"
   debootstrap --variant=minbase bookworm "$work/root" "$mirror" >"$work/debootstrap.log" 2>&1 \
     || { tail -n 20 "$work/debootstrap.log" >&2; die "debootstrap failed"; }
@@ -75,17 +77,31 @@ bootstrap_base() {
     fi
   } >"$work/root/etc/apt/sources.list.d/debian.sources"
   rm -f "$work/root/etc/apt/sources.list"
-  # Slim, as the official -slim images: no documentation or translations (now or later).
+  # Slim, as the official images: apt keeps neither the packages it installed nor its binary
+  # caches (RUN steps delete only the lists), and no documentation or translations.
+  printf '%s\n' 'APT::Keep-Downloaded-Packages "false";' 'Dir::Cache::pkgcache "";' \
+      'Dir::Cache::srcpkgcache "";' >"$work/root/etc/apt/apt.conf.d/docker-clean"
   printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
       'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' \
       'path-exclude /usr/share/locale/*' >"$work/root/etc/dpkg/dpkg.cfg.d/docker-slim"
   find "$work/root/usr/share/doc" -mindepth 2 ! -name copyright ! -type d -delete
   rm -rf "$work/root/usr/share/man/"* "$work/root/usr/share/info/"* "$work/root/usr/share/locale/"* \
       "$work/root/var/cache/apt/archives/"*.deb "$work/root/var/lib/apt/lists/"* "$work/root/var/log/"*
+  # Behind a TLS-inspecting proxy the machine trusts extra CAs (/usr/local/share/ca-certificates),
+  # and pip in the build must too: this base (never the Dockerfile) carries them, in the bundle
+  # and where the runtime stage's ca-certificates package adds them to its own.
+  local change=()
+  if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+    say "the base trusts this machine's extra CAs: $(cd /usr/local/share/ca-certificates && echo ./*.crt)"
+    mkdir -p "$work/root/usr/local/share/ca-certificates" "$work/root/etc/ssl/certs"
+    cp /usr/local/share/ca-certificates/*.crt "$work/root/usr/local/share/ca-certificates/"
+    cp /etc/ssl/certs/ca-certificates.crt "$work/root/etc/ssl/certs/"
+    change=(--change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt')
+  fi
   tar -C "$work/root" --numeric-owner -c . \
-    | podman import --change 'CMD ["bash"]' - "$tag" >/dev/null
+    | podman import --change 'CMD ["bash"]' "${change[@]}" - "$tag" >/dev/null
   say "imported $tag ($(du -sm "$work/root" | cut -f1) MB)"
-  rm -rf "$work"
+  rm -rf --one-file-system "$work"
   trap - EXIT
 }
 
