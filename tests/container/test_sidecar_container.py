@@ -112,11 +112,15 @@ def get_requests(port: int) -> float:
                if line.startswith("cachefs_backend_requests_total{") and 'operation="get"' in line)
 
 
-def ready(port: int) -> bool:
+def answers(port: int, path: str) -> bool:
     try:
-        return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=8).status == 200
     except OSError:
         return False
+
+
+def ready(port: int) -> bool:
+    return answers(port, "/readyz")
 
 
 class Trainer:
@@ -186,6 +190,7 @@ def test_sidecar_pattern_in_containers(image: str, moto: Server, names: dict[str
                         "-c", TRAINER, str(data)], check=True, capture_output=True, text=True, timeout=60)
         trainer = Trainer(names["trainer"])
         assert trainer.next_epoch()["hashes"] == expected
+        assert answers(port, "/healthz"), "/healthz (a request through the mount) failed"
         gets_before = get_requests(port)
         assert gets_before >= len(expected)
 
