@@ -208,6 +208,9 @@ def test_sidecar_pattern_in_containers(image: str, moto: Server, names: dict[str
         assert get_requests(port) == 0, "the restarted daemon downloaded files that were in its cache"
         assert trainer.next_epoch()["hashes"] == expected
 
+        epochs = trainer.epochs()
+        assert all(e["hashes"] == expected for e in epochs if "hashes" in e), "the trainer read wrong data"
+
         # SIGTERM: a clean unmount and exit.
         podman("stop", "-t", "30", names["cachefs"], timeout=60)
         state = json.loads(podman("inspect", names["cachefs"]).stdout)[0]["State"]
