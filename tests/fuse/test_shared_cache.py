@@ -71,13 +71,18 @@ def test_consecutive_daemons_start_warm(dataset: tuple[Bucket, dict[str, str]], 
     with mounted(bucket.source, tmp_path / "job1", cache, bucket.mount_env, *bucket.mount_args) as first:
         read_all(first.path, hashes)
         assert first.gets() >= len(hashes)
+        lists = first.status()["backend"]["by_operation"]["list"]
+        assert lists >= 1 + len({key.rpartition("/")[0] for key in hashes})  # the check, each directory
         ns = cache_ns(first)
     # The next Job on the node: another daemon, another mountpoint, the same cache dir.
     with mounted(bucket.source, tmp_path / "job2", cache, bucket.mount_env, *bucket.mount_args) as second:
         assert cache_ns(second) == ns
         read_all(second.path, hashes)
         assert second.gets() == 0, "the second daemon downloaded files the first had cached"
-        assert second.status()["reads"]["bytes_from_backend"] == 0
+        status = second.status()
+        assert status["reads"]["bytes_from_backend"] == 0
+        # Only the start-up check of the bucket: the listing is in the cache too.
+        assert status["backend"]["by_operation"]["list"] == 1, "the listing was not reused"
 
 
 def test_concurrent_daemons_each_mount_and_read_everything(
