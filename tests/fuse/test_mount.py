@@ -223,7 +223,10 @@ def test_bad_input_one_line_nonzero_no_mount(any_bucket: Bucket, tmp_path: Path)
         assert res.returncode == 4 and "already mounted" in res.stderr
         other = tmp_path / "mnt2"
         other.mkdir()
+        # A second read-only daemon on the cache namespace takes a private one (tests/fuse/
+        # test_shared_cache.py); a read-write one is refused.
         res = cachefs("mount", any_bucket.source, str(other), "--cache-dir", str(tmp_path / "cache"),
-                      *any_bucket.mount_args, env=env)
-        assert res.returncode == 4 and "another cachefs daemon" in res.stderr
+                      "--read-write", *any_bucket.mount_args, env=env)
+        assert res.returncode == 4 and "another cachefs daemon" in res.stderr, res.stderr
+        assert "read-write" in res.stderr and len(res.stderr.strip().splitlines()) == 1
         assert str(other) not in fuse_mounts()
