@@ -30,6 +30,7 @@ import trio
 
 from . import control, http, logs, metrics, stack
 from .backends import create_backend
+from .backends.tier import Tier
 from .cache import namespaces
 from .cache.prefetch import Prefetcher
 from .cache.store import ATIME_BATCH, DataCache
@@ -198,9 +199,17 @@ class Daemon:
                             cfg.file_mode if cfg.file_mode is not None else (0o644 if rw else 0o444),
                             cfg.dir_mode if cfg.dir_mode is not None else (0o755 if rw else 0o555),
                             rename_dir_limit=cfg.rename_dir_limit)
+        tier = None
+        if cfg.tier_endpoint_url:
+            if self.source.kind == "file":
+                raise UsageError("--tier-endpoint-url needs an object-store source (s3://, cos://, az://)")
+            tier = Tier(cfg.tier_endpoint_url, cfg.tier_bucket or self.source.bucket, timeout=cfg.tier_timeout,
+                        max_connections=cfg.prefetch_concurrency + ONDEMAND_CONNECTIONS)
+            logs.redactor.secrets = backend.secrets + tier.secrets
+            log.info("cache tier %s: block downloads go there first", tier.describe())
         layers = stack.build(meta, cache, backend, settings, read_write=rw,
                              writeback_interval=cfg.writeback_interval,
-                             prefetch_concurrency=cfg.prefetch_concurrency)
+                             prefetch_concurrency=cfg.prefetch_concurrency, tier=tier)
         core, prefetcher, writer = layers.core, layers.prefetcher, layers.writer
         if writer is not None:
             writer.recover()
