@@ -168,11 +168,19 @@ class Daemon:
 
     async def _run_locked(self, ns_dir: str, on_ready: Callable[[], None]) -> None:
         cfg = self.cfg
+        tier = None
+        if cfg.tier_endpoint_url:
+            if self.source.kind == "file":
+                raise UsageError("--tier-endpoint-url needs an object-store source (s3://, cos://, az://)")
+            tier = Tier(cfg.tier_endpoint_url, cfg.tier_bucket or self.source.bucket, timeout=cfg.tier_timeout,
+                        max_connections=cfg.prefetch_concurrency + ONDEMAND_CONNECTIONS)
         backend = create_backend(self.source, endpoint_url=cfg.endpoint_url, region=cfg.region,
                                  profile=cfg.profile, account=cfg.account,
                                  timeout=cfg.backend_timeout,
                                  max_connections=cfg.prefetch_concurrency + ONDEMAND_CONNECTIONS)
-        logs.redactor.secrets = backend.secrets
+        logs.redactor.secrets = backend.secrets + (tier.secrets if tier else ())
+        if tier is not None:
+            log.info("cache tier %s: block downloads go there first", tier.describe())
         timeout = backend.timeout
         backend.timeout = min(timeout, CHECK_DEADLINE)
         try:
@@ -199,14 +207,6 @@ class Daemon:
                             cfg.file_mode if cfg.file_mode is not None else (0o644 if rw else 0o444),
                             cfg.dir_mode if cfg.dir_mode is not None else (0o755 if rw else 0o555),
                             rename_dir_limit=cfg.rename_dir_limit)
-        tier = None
-        if cfg.tier_endpoint_url:
-            if self.source.kind == "file":
-                raise UsageError("--tier-endpoint-url needs an object-store source (s3://, cos://, az://)")
-            tier = Tier(cfg.tier_endpoint_url, cfg.tier_bucket or self.source.bucket, timeout=cfg.tier_timeout,
-                        max_connections=cfg.prefetch_concurrency + ONDEMAND_CONNECTIONS)
-            logs.redactor.secrets = backend.secrets + tier.secrets
-            log.info("cache tier %s: block downloads go there first", tier.describe())
         layers = stack.build(meta, cache, backend, settings, read_write=rw,
                              writeback_interval=cfg.writeback_interval,
                              prefetch_concurrency=cfg.prefetch_concurrency, tier=tier)
