@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cachefs.testing.proxy import LatencyProxy
-from cachefs.testing.servers import SeaweedTier, Server, free_port, seaweed_tier
+from cachefs.testing.servers import REPO, SeaweedTier, Server, free_port, seaweed_tier, weed_binary
 
 from .mounts import mounted, scrape
 
@@ -156,6 +156,48 @@ def test_a_stalled_tier_times_out_to_the_origin(cluster: Cluster, tmp_path: Path
     # every read for a second.
     assert after["timeout"] == 1 and after["backoff"] == len(data) - 1, after
     assert after["origin"] == sum(map(len, data.values())) and elapsed < 10
+
+
+def test_the_sync_job_mounts_the_bucket_and_brings_changes(cluster: Cluster, tmp_path: Path) -> None:
+    """k8s/tier/remote-sync.sh (the CronJob's script) against the tier: the first run mounts the
+    bucket; an object changed at the origin is read from the origin ("stale") until the next run
+    brings its new version into the tier. (An object created at the origin needs no run: the
+    tier looks up a name it does not know in the bucket.)"""
+    import os
+    import subprocess
+
+    name = f"tier-{uuid.uuid4().hex[:10]}"
+    cluster.origin.create_bucket(name)
+    cluster.origin.upload(name, {"a.bin": b"a" * 1000})
+    env = dict(os.environ, **cluster.origin.env, BUCKET=name, REMOTE_ENDPOINT=cluster.origin_proxy.url,
+               REMOTE_REGION="us-east-1", MASTER=cluster.tier.master, FILER=cluster.tier.filer,
+               PATH=f"{Path(weed_binary()).parent}:{os.environ['PATH']}")
+
+    def sync() -> str:
+        res = subprocess.run(["sh", str(REPO / "k8s" / "tier" / "remote-sync.sh")], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert cluster.origin.env["AWS_SECRET_ACCESS_KEY"] not in res.stdout + res.stderr
+        return res.stdout
+
+    assert "(create) 1 objects" in sync()
+    port = free_port()
+    with mounted(f"s3://{name}", tmp_path / "mnt", tmp_path / "cache", cluster.env,
+                 *cluster.mount_args(port, "--metadata-ttl", "0")) as m:
+        assert (m.path / "a.bin").read_bytes() == b"a" * 1000
+        cluster.origin.upload(name, {"b.bin": b"b" * 1000})
+        assert (m.path / "b.bin").read_bytes() == b"b" * 1000
+        time.sleep(1.1)  # a new Last-Modified second
+        cluster.origin.upload(name, {"a.bin": b"A" * 2000})
+        assert (m.path / "a.bin").read_bytes() == b"A" * 2000
+        after = fetches(port)
+    assert after["tier"] == 2000 and after["origin"] == 2000 and after["stale"] == 1, after
+    assert "(update) 1 objects" in sync()
+    with mounted(f"s3://{name}", tmp_path / "mnt2", tmp_path / "cache2", cluster.env,
+                 *cluster.mount_args(port := free_port())) as m:
+        assert (m.path / "a.bin").read_bytes() == b"A" * 2000
+        after = fetches(port)
+    assert after["tier"] == 2000 and after["origin"] == 0, after
 
 
 def test_the_tier_stopped_mid_read_falls_back_to_the_origin(cluster: Cluster, tmp_path: Path) -> None:
