@@ -404,7 +404,19 @@ class Daemon:
                                        for op in metrics.BACKEND_OPERATIONS)},
             "prefetch": prefetcher.progress.as_dict(),
             "writes": self._write_status(core),
+            "tier": self._tier_status(core, sample),
         }
+
+    @staticmethod
+    def _tier_status(core: CoreFS, sample: Callable[..., float]) -> dict[str, Any] | None:
+        tier = core.reader.tier
+        if tier is None:
+            return None
+        return {"endpoint": tier.describe(),
+                "bytes_from_tier": sample("cachefs_block_fetch_bytes_total", source="tier"),
+                "bytes_from_origin": sample("cachefs_block_fetch_bytes_total", source="origin"),
+                "fallbacks": {reason: sample("cachefs_tier_fallbacks_total", reason=reason)
+                              for reason in metrics.TIER_FALLBACKS}}
 
     @staticmethod
     def _write_status(core: CoreFS) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ import pytest
 from cachefs.testing.proxy import LatencyProxy
 from cachefs.testing.servers import REPO, SeaweedTier, Server, free_port, seaweed_tier, weed_binary
 
-from .mounts import mounted, scrape
+from .mounts import cachefs, mounted, scrape
 
 NODES = 3
 OBJECTS = 200  # 16 KB - 4 MB, log-uniform: ~140 MB in all
@@ -128,6 +128,11 @@ def test_an_object_changed_at_the_origin_is_never_served_stale(cluster: Cluster,
         assert (m.path / "f0.bin").read_bytes() == new
         after = fetches(port)
         assert after["stale"] == 1 and after["origin"] == 100_000, after
+        tier = m.status()["tier"]
+        assert tier["fallbacks"]["stale"] == 1 and tier["bytes_from_tier"] == 100_000
+        assert tier["endpoint"] == f"{cluster.tier_proxy.url}/{bucket}"
+        text = cachefs("status", str(m.path), env=m.env, check=True).stdout
+        assert f"tier:       {cluster.tier_proxy.url}/{bucket}:" in text and "fallbacks: 1 stale" in text
     # Once the tier has synced its metadata, it fetches the new version and serves it.
     cluster.tier.meta_sync(bucket)
     with mounted(f"s3://{bucket}", tmp_path / "mnt2", tmp_path / "cache2", cluster.env,
