@@ -417,6 +417,7 @@ class SeaweedTier:
     master: str  # 127.0.0.1:PORT (gRPC at PORT + 10000)
     filer: str
     gateway: contextlib.ExitStack = field(repr=False)  # stops the filer and its S3 gateway
+    volumes: list[contextlib.ExitStack] = field(repr=False)  # each stops one volume server
 
     @property
     def endpoint_url(self) -> str:
@@ -449,6 +450,10 @@ class SeaweedTier:
     def stop_gateway(self) -> None:
         """Stop the filer and its S3 gateway (the tier goes away; the volumes stay)."""
         self.gateway.close()
+
+    def stop_volume(self, i: int) -> None:
+        """Stop volume server ``i`` (the objects it holds are lost to the tier)."""
+        self.volumes[i].close()
 
 
 @contextlib.contextmanager
@@ -487,13 +492,15 @@ def seaweed_tier() -> Iterator[SeaweedTier]:
                 f"-port.grpc={master + WEED_GRPC_OFFSET}", "-peers=none", "-telemetry=false",
                 f"-volumeSizeLimitMB={TIER_VOLUME_SIZE_MB}"], http_ok(f"http://127.0.0.1:{master}/cluster/status"),
                 stack)
+            volumes = []
             for i in range(TIER_VOLUMES):
                 port = _weed_port_pair()
+                volumes.append(stack.enter_context(contextlib.ExitStack()))
                 process(f"volume{i}", port, [
                     "volume", f"-dir={workdir}/volume{i}", *common, f"-port={port}",
                     f"-port.grpc={port + WEED_GRPC_OFFSET}", f"-master=127.0.0.1:{master}",
                     f"-max={TIER_MAX_VOLUMES}", "-preStopSeconds=0", f"-volume.{TIER_UNTRUSTED}"],
-                    http_ok(f"http://127.0.0.1:{port}/status"), stack)
+                    http_ok(f"http://127.0.0.1:{port}/status"), volumes[-1])
             filer, s3 = _weed_port_pair(), free_port()
             gateway = contextlib.ExitStack()
             stack.enter_context(gateway)
@@ -516,7 +523,7 @@ def seaweed_tier() -> Iterator[SeaweedTier]:
                 "-s3", f"-s3.port={s3}", f"-s3.port.grpc={free_port()}", f"-s3.config={config}",
                 f"-s3.localSocket={workdir}/s3.sock", "-s3.iam=false", "-s3.port.iceberg=0",
                 "-s3.port.lance=0", f"-s3.{TIER_UNTRUSTED}"], s3_ready, gateway)
-            yield SeaweedTier(server, f"127.0.0.1:{master}", f"127.0.0.1:{filer}", gateway)
+            yield SeaweedTier(server, f"127.0.0.1:{master}", f"127.0.0.1:{filer}", gateway, volumes)
 
     with _server("seaweed-tier", start) as tier:
         yield tier

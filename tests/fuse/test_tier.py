@@ -205,6 +205,31 @@ def test_the_sync_job_mounts_the_bucket_and_brings_changes(cluster: Cluster, tmp
     assert after["tier"] == 2000 and after["origin"] == 0, after
 
 
+def test_a_lost_volume_server_costs_origin_reads_until_uncache(cluster: Cluster, tmp_path: Path) -> None:
+    """A volume server of the tier is lost with the objects it held: the tier does not answer
+    for them (SeaweedFS 4.48 waits on the lost volume), cachefs reads them from the origin after
+    --tier-timeout; remote.uncache makes the tier fetch them again. Stops a volume server."""
+    data = dataset(20, seed=11, hi=256 << 10)
+    total = sum(map(len, data.values()))
+    bucket = cluster.bucket(data)
+
+    def epoch(name: str) -> dict[str, float]:
+        port = free_port()
+        with mounted(f"s3://{bucket}", tmp_path / f"mnt-{name}", tmp_path / f"cache-{name}", cluster.env,
+                     *cluster.mount_args(port, "--tier-timeout", "1")) as m:
+            for key, value in data.items():
+                assert (m.path / key).read_bytes() == value, key
+            return fetches(port)
+
+    assert epoch("fill")["tier"] == total
+    cluster.tier.stop_volume(0)
+    lost = epoch("lost")
+    assert lost["timeout"] >= 1 and lost["origin"] > 0, lost
+    cluster.tier.shell(f"remote.uncache -dir=/buckets/{bucket}\n")
+    again = epoch("uncached")
+    assert again["tier"] == total and again["origin"] == 0, again
+
+
 def test_the_tier_stopped_mid_read_falls_back_to_the_origin(cluster: Cluster, tmp_path: Path) -> None:
     """Last in this module: it stops the tier's gateway."""
     data = dataset(60, seed=7, hi=1 << 20)
