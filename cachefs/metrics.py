@@ -24,9 +24,9 @@ UPLOAD_ERRNOS = ("EIO", "ENOSPC", "ESTALE")
 READ_SOURCES = ("cache", "backend")
 FETCH_SOURCES = ("tier", "origin")  # where a block download came from (the tier: --tier-endpoint-url)
 # Why a block was read from the origin instead of the cache tier: the tier did not have the
-# object, had another version, did not answer in time, could not be reached, failed otherwise,
-# or was being skipped after it was unreachable or too slow.
-TIER_FALLBACKS = ("missing", "stale", "timeout", "unreachable", "error", "backoff")
+# object, had another version, did not answer in time, could not be reached, refused the
+# credentials, failed otherwise, or was being skipped after a timeout, unreachable or denied.
+TIER_FALLBACKS = ("missing", "stale", "timeout", "unreachable", "denied", "error", "backoff")
 PREFETCH_STATES = ("queued", "done", "failed")
 
 # Backend latency: loopback answers in ~1 ms, cloud object stores in 10-100 ms, throttled or

@@ -13,7 +13,8 @@ Anything else the tier does — an error, no answer within ``timeout``, an objec
 have, another version — is a *miss*: ``get_then`` returns None, the miss is counted by reason
 (``metrics.TIER_FALLBACKS``), and the caller reads the block from the origin. A tier that cannot
 be reached or does not answer in time is skipped for ``BACKOFF`` seconds, so a dead tier costs
-one timeout per ``BACKOFF``, not one per block. Nothing here raises into the read path.
+one timeout per ``BACKOFF``, not one per block; so is one that refuses our credentials. Nothing
+here raises into the read path.
 
 Credentials are the tier's own: ``CACHEFS_TIER_ACCESS_KEY_ID`` / ``CACHEFS_TIER_SECRET_ACCESS_KEY``
 (each also as ``..._FILE`` naming a file that holds it); without them requests are unsigned
@@ -39,8 +40,11 @@ T = TypeVar("T")
 
 ACCESS_KEY_ENV = "CACHEFS_TIER_ACCESS_KEY_ID"
 SECRET_KEY_ENV = "CACHEFS_TIER_SECRET_ACCESS_KEY"
+ACCESS_KEY_ID_ENV_HINT = f"{ACCESS_KEY_ENV} / {SECRET_KEY_ENV}"
 CONNECT_TIMEOUT = 2.0  # seconds: the tier is in the cluster; slower than this is down
-BACKOFF = 10.0  # seconds the tier is skipped after it was unreachable or did not answer in time
+BACKOFF = 10.0  # seconds the tier is skipped after it was unreachable, too slow or refused us
+# Misses that say the tier as a whole cannot serve now (not: this object is not there, or old).
+SKIPPED_AFTER = ("unreachable", "timeout", "denied")
 
 
 class Miss(Exception):
@@ -99,6 +103,8 @@ class Tier:
         )
         self.limiter = trio.CapacityLimiter(max_connections)
         self._skip_until = 0.0  # trio.current_time() until which the tier is considered down
+        self._quiet_until = 0.0  # no warning about single errors until then
+        self._errors = 0  # errors since the last warning
 
     def describe(self) -> str:
         return f"{self.endpoint_url}/{self.bucket}"
@@ -130,13 +136,19 @@ class Tier:
 
     def _missed(self, key: str, miss: Miss) -> None:
         metrics.tier_fallbacks.labels(miss.reason).inc()
-        if miss.reason in ("unreachable", "timeout"):
+        now = trio.current_time()
+        if miss.reason in SKIPPED_AFTER:
             if not self._skip_until:
-                log.warning("cache tier %s: %s; reading from the origin, trying the tier again "
-                            "in %g s", self.describe(), miss, BACKOFF)
-            self._skip_until = trio.current_time() + BACKOFF
-        elif miss.reason == "error":
-            log.warning("cache tier %s: get %r: %s; read from the origin", self.describe(), key, miss)
+                log.warning("cache tier %s: %s; reading from the origin, trying the tier again in %g s",
+                            self.describe(), miss, BACKOFF)
+            self._skip_until = now + BACKOFF
+        elif miss.reason == "error":  # one object's trouble: at most one line per BACKOFF
+            self._errors += 1
+            if now >= self._quiet_until:
+                log.warning("cache tier %s: get %r: %s; read from the origin (%d such errors since "
+                            "the last report)", self.describe(), key, miss, self._errors)
+                self._errors = 0
+                self._quiet_until = now + BACKOFF
         else:
             log.debug("cache tier %s: get %r: %s; read from the origin", self.describe(), key, miss)
 
@@ -161,13 +173,16 @@ class Tier:
         except obexc.NotFoundError as exc:
             raise Miss("missing", "not in the tier") from exc
         except (obexc.PermissionDeniedError, obexc.UnauthenticatedError) as exc:
-            raise Miss("error", "access denied") from exc
+            raise Miss("denied", f"access denied (check {ACCESS_KEY_ID_ENV_HINT})") from exc
         except (ValueError, obexc.InvalidPathError) as exc:
             raise Miss("error", "a key the S3 client cannot express") from exc
         except Exception as exc:  # connection refused or reset, HTTP errors, bodies cut short
             text = str(exc).lower()
-            reason = "timeout" if "timed out" in text else "unreachable" if "connect" in text else "error"
-            raise Miss(reason, type(exc).__name__) from exc
+            if "timed out" in text:
+                raise Miss("timeout", "no answer in time") from exc
+            if "connect" in text:
+                raise Miss("unreachable", "cannot connect") from exc
+            raise Miss("error", type(exc).__name__) from exc
         if len(data) != length:
             raise Miss("error", f"short read: {len(data)} of {length} bytes")
         return data, then(data)

@@ -76,7 +76,7 @@ def digest(path: Path) -> str:
 def fetches(port: int) -> dict[str, float]:
     m = scrape(port)
     out = {src: m[f'cachefs_block_fetch_bytes_total{{source="{src}"}}'] for src in ("tier", "origin")}
-    for reason in ("missing", "stale", "timeout", "unreachable", "error", "backoff"):
+    for reason in ("missing", "stale", "timeout", "unreachable", "denied", "error", "backoff"):
         out[reason] = m[f'cachefs_tier_fallbacks_total{{reason="{reason}"}}']
     return out
 
@@ -161,6 +161,20 @@ def test_a_stalled_tier_times_out_to_the_origin(cluster: Cluster, tmp_path: Path
     # every read for a second.
     assert after["timeout"] == 1 and after["backoff"] == len(data) - 1, after
     assert after["origin"] == sum(map(len, data.values())) and elapsed < 10
+
+
+def test_a_tier_refusing_the_keys_is_skipped(cluster: Cluster, tmp_path: Path) -> None:
+    data = dataset(6, seed=3, hi=64 << 10)
+    bucket = cluster.bucket(data)
+    port = free_port()
+    env = dict(cluster.env, CACHEFS_TIER_SECRET_ACCESS_KEY="not-the-tier-secret")
+    with mounted(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", env, *cluster.mount_args(port)) as m:
+        for key, value in data.items():
+            assert (m.path / key).read_bytes() == value
+        after = fetches(port)
+    assert after["denied"] == 1 and after["backoff"] == len(data) - 1, after
+    log = (tmp_path / "cache" / "cachefs.log").read_text()
+    assert log.count("access denied") == 1 and "not-the-tier-secret" not in log
 
 
 def test_the_sync_job_mounts_the_bucket_and_brings_changes(cluster: Cluster, tmp_path: Path) -> None:
