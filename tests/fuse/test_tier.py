@@ -22,7 +22,7 @@ from cachefs.testing.servers import REPO, SeaweedTier, Server, free_port, seawee
 from .mounts import cachefs, mounted, scrape
 
 NODES = 3
-OBJECTS = 200  # 16 KB - 4 MB, log-uniform: ~140 MB in all
+OBJECTS = 200  # 16 KB - 4 MB, log-uniform: ~130 MB in all, and one object of 10 MiB
 
 
 @dataclass
@@ -83,6 +83,7 @@ def fetches(port: int) -> dict[str, float]:
 
 def test_three_nodes_read_the_dataset_from_the_origin_once(cluster: Cluster, tmp_path: Path) -> None:
     data = dataset(OBJECTS, seed=13)
+    data["large.bin"] = random.Random(1).randbytes(10 << 20)  # three blocks, fetched as ranges
     total = sum(map(len, data.values()))
     want = {k: hashlib.sha256(v).hexdigest() for k, v in data.items()}
     bucket = cluster.bucket(data)
