@@ -276,6 +276,11 @@ def cmd_status(args: argparse.Namespace) -> int:
           "warm reads the kernel answers itself are not counted)")
     print(f"backend:    {b['requests']:.0f} requests, {b['error_rate'] * 100:.2f}% errors, "
           f"{b['retries']:.0f} retries")
+    t = st.get("tier")
+    if t is not None:
+        fallbacks = ", ".join(f"{n:.0f} {reason}" for reason, n in t["fallbacks"].items() if n) or "none"
+        print(f"tier:       {t['endpoint']}: {_human(t['bytes_from_tier'])} from the tier, "
+              f"{_human(t['bytes_from_origin'])} from the origin; fallbacks: {fallbacks}")
     if p["files_total"]:
         state = "running" if p["running"] else "done"
         print(f"prefetch:   {state}: {_progress_line(p)}")

@@ -86,6 +86,20 @@ def parse_host_port(text: str) -> str:
     return str(text)
 
 
+def parse_http_url(text: str) -> str:
+    """An http:// or https:// URL with a host (the cache tier's S3 endpoint)."""
+    from urllib.parse import urlsplit
+
+    text = str(text).strip()
+    parts = urlsplit(text)
+    if "@" in parts.netloc or parts.query:  # not echoed: it may hold a secret
+        raise ValueError("credentials or a query do not belong in the URL; the tier's credentials "
+                         "come from CACHEFS_TIER_ACCESS_KEY_ID / CACHEFS_TIER_SECRET_ACCESS_KEY")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http:// or https:// URL: {text!r}")
+    return text.rstrip("/")
+
+
 def parse_mode(text: str | int) -> int:
     """Permission bits in octal ("0444", "444"). A number from the config file is refused:
     TOML reads ``file_mode = 444`` as decimal 444, which is the mode 0674."""
@@ -178,6 +192,14 @@ OPTIONS: list[Option] = [
     Option("credentials", str, None,
            "read credentials from FILE: NAME=value lines of the variables the environment would carry "
            "(AWS_*, AZURE_*, IBM_*); for fstab and systemd mounts", metavar="FILE"),
+    Option("tier-endpoint-url", parse_http_url, None,
+           "S3 endpoint of a cluster-shared cache tier (SeaweedFS remote-mounting the bucket): block "
+           "downloads go there first, the origin serves listings and whatever the tier misses", metavar="URL"),
+    Option("tier-bucket", str, None, "bucket of the tier holding the source (default: the source's bucket "
+           "or container name)", metavar="NAME"),
+    Option("tier-timeout", parse_timeout, 10.0,
+           "a tier GET without an answer after this is read from the origin (and the tier skipped for 10 s)",
+           metavar="SECONDS"),
     Option("foreground", parse_bool, False, "stay attached (containers, systemd)", flag=True),
     Option("prefetch", parse_bool, False, "prefetch everything mounted into the cache at start",
            flag=True),

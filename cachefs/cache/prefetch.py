@@ -142,7 +142,7 @@ class Prefetcher:
             async for rec, block, remaining in recv:
                 if p.stopped_full:
                     continue
-                ref = block_ref(rec.ino, rec.etag, rec.size, block)
+                ref = block_ref(rec.ino, rec.etag, rec.size, block, rec.mtime_ns)
                 ok = True
                 cache = self.cache
                 if not cache.contains(ref) and cache.used + ref.size > cache.capacity:

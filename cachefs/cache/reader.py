@@ -2,6 +2,9 @@
 
 The FUSE core and the prefetcher both ask it for blocks; it owns the tiers (recent large blocks
 in memory, then the disk cache, then the backend), single-flight downloads and readahead.
+With a cluster-shared cache tier (``backends.tier``), a block download asks the tier first and
+the origin backend only when the tier misses (down, slow, without the object, or holding another
+version than the listed one): the tier can make a read slower, never wrong or failed.
 
 Concurrency protocol (what may interleave at an ``await``):
 - Downloading a block is single-flight per (inode, block, ETag): concurrent readers of one
@@ -18,12 +21,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from .. import metrics
 from ..backends import Backend
+from ..backends.tier import Tier
 from ..errors import BackendError, NotFound, ObjectChanged
 from .store import BLOCK_SIZE, BlockRef, DataCache
 
@@ -52,9 +57,11 @@ class Readahead:
     ahead_until: int = 0  # blocks below this have been scheduled
 
 
-def block_ref(ino: int, etag: str, size: int, block: int) -> BlockRef:
+def block_ref(ino: int, etag: str, size: int, block: int, mtime_ns: int = 0) -> BlockRef:
+    """Block ``block`` of the version ``etag`` of an object of ``size`` bytes last modified at
+    ``mtime_ns`` (as listed; 0 if unknown: the cache tier is then not asked)."""
     start = block * BLOCK_SIZE
-    return BlockRef(ino, block, etag, min(BLOCK_SIZE, size - start))
+    return BlockRef(ino, block, etag, min(BLOCK_SIZE, size - start), size if mtime_ns else -1, mtime_ns)
 
 
 def block_count(size: int) -> int:
@@ -62,9 +69,10 @@ def block_count(size: int) -> int:
 
 
 class BlockReader:
-    def __init__(self, cache: DataCache, backend: Backend) -> None:
+    def __init__(self, cache: DataCache, backend: Backend, tier: Tier | None = None) -> None:
         self.cache = cache
         self.backend = backend
+        self.tier = tier
         self._flights: dict[tuple[int, int, str], _Flight] = {}
         self._large = trio.CapacityLimiter(LARGE_FETCHES)
         self._recent: collections.OrderedDict[tuple[int, int, str], bytes] = collections.OrderedDict()
@@ -125,15 +133,14 @@ class BlockReader:
             def write(data: bytes) -> OSError | None:
                 return cache.write_file(ref, data) if admitted else None
 
-            start = ref.block * BLOCK_SIZE
             if ref.size > BLOCK_SIZE // 2:
                 async with self._large:
-                    flight.data, error = await self.backend.get_range_then(key, start, ref.size, ref.etag, write)
+                    flight.data, error = await self._get(ref, key, write)
                 self._recent[(ref.ino, ref.block, ref.etag)] = flight.data
                 while len(self._recent) > RECENT_BLOCKS:
                     self._recent.popitem(last=False)
             else:
-                flight.data, error = await self.backend.get_range_then(key, start, ref.size, ref.etag, write)
+                flight.data, error = await self._get(ref, key, write)
             if admitted:
                 admitted = False
                 cache.commit(ref, error)
@@ -147,12 +154,28 @@ class BlockReader:
             del self._flights[(ref.ino, ref.block, ref.etag)]
             flight.done.set()
 
+    async def _get(self, ref: BlockRef, key: str,
+                   write: Callable[[bytes], OSError | None]) -> tuple[bytes, OSError | None]:
+        """The block's bytes from the cache tier if it has the listed version, else from the
+        origin (pinned to the ETag); ``write`` runs in the same worker thread."""
+        start = ref.block * BLOCK_SIZE
+        if self.tier is not None and ref.object_size >= 0:
+            got = await self.tier.get_then(key, start, ref.size, ref.object_size, ref.mtime_ns, write)
+            if got is not None:
+                metrics.fetched.labels("tier").inc()
+                metrics.fetched_bytes.labels("tier").inc(ref.size)
+                return got
+        got = await self.backend.get_range_then(key, start, ref.size, ref.etag, write)
+        metrics.fetched.labels("origin").inc()
+        metrics.fetched_bytes.labels("origin").inc(ref.size)
+        return got
+
     def forget(self, ino: int) -> None:
         """Drop the in-memory blocks of a file (it changed, or was rewritten here)."""
         for k in [k for k in self._recent if k[0] == ino]:
             del self._recent[k]
 
-    def readahead(self, state: Readahead, ino: int, etag: str, size: int, key: str,
+    def readahead(self, state: Readahead, ino: int, etag: str, size: int, mtime_ns: int, key: str,
                   offset: int, last: int) -> None:
         """Schedule downloads ahead of a sequential reader that just asked for blocks up to
         ``last`` from ``offset``."""
@@ -166,7 +189,7 @@ class BlockReader:
         start = max(last + 1, state.ahead_until)
         stop = min(nblocks, last + 1 + state.window)
         for block in range(start, stop):
-            ref = block_ref(ino, etag, size, block)
+            ref = block_ref(ino, etag, size, block, mtime_ns)
             if not self.cached(ref):
                 self.nursery.start_soon(self._prefetch_block, ref, key)
         state.ahead_until = max(state.ahead_until, stop)

@@ -68,7 +68,7 @@ import secrets
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lmdb
 import trio
@@ -115,6 +115,10 @@ class BlockRef:
     block: int
     etag: str
     size: int  # bytes in this block
+    # The listed version of the whole object, for checking a copy from the cache tier (which
+    # keeps the origin's size and Last-Modified, not its ETag); not part of the block's identity.
+    object_size: int = field(default=-1, compare=False)  # -1: unknown, the tier is not asked
+    mtime_ns: int = field(default=0, compare=False)
 
 
 @dataclass(eq=False, slots=True)

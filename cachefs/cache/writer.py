@@ -221,7 +221,7 @@ class Writer:
         key = self.prefix + rec.rel
         try:
             for block in range(block_count(rec.size) if rec.size else 0):
-                ref = block_ref(rec.ino, rec.etag, rec.size, block)
+                ref = block_ref(rec.ino, rec.etag, rec.size, block, rec.mtime_ns)
                 data = await self.reader.read(ref, key, 0, ref.size, count=False)
                 await self._pwrite(fd, data, block * BLOCK_SIZE)
         except BaseException:

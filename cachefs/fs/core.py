@@ -262,7 +262,7 @@ class CoreFS:
             return b""
         key = self.lister.key(rec)
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
-        self.reader.readahead(handle.ahead, rec.ino, rec.etag, rec.size, key, offset, last)
+        self.reader.readahead(handle.ahead, rec.ino, rec.etag, rec.size, rec.mtime_ns, key, offset, last)
         parts = []
         for block in range(first, last + 1):
             bstart = block * BLOCK_SIZE
@@ -275,7 +275,7 @@ class CoreFS:
         """Bytes [lo, lo+length) of one block. Hits and misses are counted once per block per
         open file, so a 110 KB file read in two requests is one miss, not a miss and a hit."""
         rec = handle.record
-        ref = block_ref(rec.ino, rec.etag, rec.size, block)
+        ref = block_ref(rec.ino, rec.etag, rec.size, block, rec.mtime_ns)
         count = block not in handle.counted
         handle.counted.add(block)
         failed_at = handle.failed.get(block)

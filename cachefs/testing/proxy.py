@@ -30,9 +30,9 @@ credentials: a request it returns False for is answered ``403 AccessDenied`` (co
 
 ``inject`` also takes a tuple of kinds (not ``outage``): each faulted request then gets one of
 them at random, e.g. ``inject(("error", "reset", "cut"), rate=0.1)``. ``stats`` counts
-connections, requests and faults per kind, and keeps the request line (method and target) of the
-last FAULTED_KEPT requests that drew a fault. After an ``error`` the connection is closed
-(``Connection: close``), as S3 does.
+connections, requests, bytes sent by the server (``bytes_down``) and faults per kind, and keeps
+the request line (method and target) of the last FAULTED_KEPT requests that drew a fault. After
+an ``error`` the connection is closed (``Connection: close``), as S3 does.
 
 It runs trio in a thread of its own, so a test, the benchmark or the CLI use it synchronously:
 per connection and direction one task reads and one delivers. Measured on 2 cores, with client
@@ -108,6 +108,7 @@ class Stats:
     connections: int = 0
     requests: int = 0
     denied: int = 0  # requests ``authorize`` refused
+    bytes_down: int = 0  # bytes the servers sent, forwarded to clients (responses, egress)
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     #: (kind, request line) of the latest faulted requests, e.g. ("error", "PUT /b/k?partNumber=2&...")
     faulted: collections.deque[tuple[str, str]] = field(
@@ -495,6 +496,7 @@ class _Connection:
                         await self.to_client.put(bytes(head[: len(head) // 2]))
                     await self.to_client.put(None)
                     return
+                self.proxy.stats.bytes_down += len(data)
                 if self.cut is None:
                     await self.to_client.put(data)
                     continue

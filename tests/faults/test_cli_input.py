@@ -64,6 +64,8 @@ OPTION_CASES = [
     (["--gid", "-1"], "gid"),
     (["--file-mode", "8"], "file-mode"),
     (["--dir-mode", "1000"], "dir-mode"),
+    (["--tier-endpoint-url", "seaweedfs:8333"], "tier-endpoint-url"),
+    (["--tier-timeout", "0"], "tier-timeout"),
 ]
 
 
@@ -151,6 +153,17 @@ def test_bad_credentials_settings(tmp_path: Path) -> None:
     check(["mount", "s3://bucket", str(mnt), "--cache-dir", str(tmp_path / "c3"), "--profile", "nosuch",
            "--endpoint-url", "http://127.0.0.1:9"], 3, "profile 'nosuch' not found", mnt,
           env=clean_env(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none")))
+    tier = ["--endpoint-url", "http://127.0.0.1:9", "--tier-endpoint-url", "http://127.0.0.1:9"]
+    check(["mount", "s3://bucket", str(mnt), "--cache-dir", str(tmp_path / "c4"), *tier], 2,
+          "CACHEFS_TIER_SECRET_ACCESS_KEY", mnt, env=clean_env(CACHEFS_TIER_ACCESS_KEY_ID="tier-key"))
+    check(["mount", "s3://bucket", str(mnt), "--cache-dir", str(tmp_path / "c5"), *tier], 2,
+          "CACHEFS_TIER_SECRET_ACCESS_KEY_FILE", mnt,
+          env=clean_env(CACHEFS_TIER_ACCESS_KEY_ID="tier-key",
+                        CACHEFS_TIER_SECRET_ACCESS_KEY_FILE=str(tmp_path / "no-key")))
+    # a URL carrying a secret is refused without repeating it
+    line = check(["mount", "s3://bucket", str(mnt), "--cache-dir", str(tmp_path / "c6"),
+                  "--tier-endpoint-url", "http://key:s3cr3t@tier:8333"], 2, "tier-endpoint-url", mnt)
+    assert "s3cr3t" not in line
 
 
 def test_bad_command_lines(place: tuple[str, Path], tmp_path: Path) -> None:
