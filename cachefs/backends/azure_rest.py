@@ -34,6 +34,7 @@ from azure.core.rest import HttpRequest, HttpResponse
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from . import xmlscan
 from .base import ListPage, ObjectInfo
 
 API_VERSION = "2021-12-02"  # the REST version asked for: Shared Key, SAS and OAuth all accept it
@@ -65,10 +66,54 @@ def http_date_ts(text: str) -> float:
         raise ValueError(f"not an HTTP date: {text!r}") from exc
 
 
+_LISTING = xmlscan.scanner(("Name", 'Name Encoded="true"', "Last-Modified", "Etag", "Content-Length", "NextMarker"),
+                           ("Blob", "BlobPrefix"))
+
+
 def parse_list_blobs(body: bytes) -> ListPage:
     """A List Blobs answer (``EnumerationResults``) as a page: blobs with size, ETag (unquoted)
     and mtime, prefixes, and the next marker. Names the service percent-encoded (``Encoded``,
-    for characters XML cannot carry) are decoded."""
+    for characters XML cannot carry) are decoded. Read by ``xmlscan``, or by ElementTree when
+    the page is not of the plain shape it reads."""
+    try:
+        return _scan_list_blobs(xmlscan.scan(body, b"EnumerationResults", _LISTING))
+    except (xmlscan.Unreadable, KeyError):  # KeyError: an item without a name or a time
+        return _parse_list_blobs_tree(body)
+
+
+def _scan_list_blobs(leaves: list[tuple[bytes, bytes]]) -> ListPage:
+    page = ListPage()
+    item: dict[bytes, bytes] = {}
+    mtimes: dict[bytes, float] = {}  # a page's blobs share few distinct times
+    text = xmlscan.text
+    for tag, raw in leaves:
+        if tag == b"/Blob":
+            modified = item[b"Last-Modified"]
+            mtime = mtimes.get(modified)
+            if mtime is None:
+                mtime = mtimes[modified] = http_date_ts(modified.decode())
+            page.objects.append(ObjectInfo(_name(item), int(item.get(b"Content-Length") or 0),
+                                           text(item.get(b"Etag", b"")).strip('"'), mtime))
+            item = {}
+        elif tag == b"/BlobPrefix":
+            page.prefixes.append(_name(item))
+            item = {}
+        elif tag == b"NextMarker":
+            page.token = text(raw) or None
+        else:
+            item[tag] = raw
+    return page
+
+
+def _name(item: dict[bytes, bytes]) -> str:
+    raw = item.get(b"Name")
+    if raw is not None:
+        return xmlscan.text(raw)
+    return unquote(xmlscan.text(item[b'Name Encoded="true"']))  # what XML cannot carry
+
+
+def _parse_list_blobs_tree(body: bytes) -> ListPage:
+    """``parse_list_blobs`` through ElementTree, for a page the scanner does not read."""
     root = ElementTree.fromstring(body)
     page = ListPage()
     mtimes: dict[str, float] = {}  # a page's blobs share few distinct times
