@@ -12,10 +12,11 @@ call the daemon makes: worker-thread hop, retry wrapper, If-Match pin).
 
 Listings: every page of one folder of ``--keys`` objects through ``Backend.list_page`` with "/" as
 delimiter (what the lister asks), one page after the other.
-- S3: botocore parsing the page itself (no hook), cachefs (botocore's request, the page read by
-  ``s3._parse_listing``), and obstore's ``list_with_delimiter`` for reference;
-- Azure: azure-storage-blob (``walk_blobs``, as the backend did before), cachefs (``azure_rest``),
-  and obstore's ``list_with_delimiter`` for reference.
+- S3: botocore parsing the page itself (no hook, as before 9a0b78a), botocore's request with the
+  page read by ElementTree (before this change), cachefs (the page read by ``xmlscan``), and
+  obstore's ``list_with_delimiter`` for reference;
+- Azure: azure-storage-blob (``walk_blobs``, as the backend did before), cachefs (``azure_rest``:
+  azure-core's pipeline, the page read by ``xmlscan``), and obstore's ``list_with_delimiter``.
 obstore's listing cannot serve the lister (no continuation token: it gathers a whole folder in
 memory; prefixes only at "/" boundaries): see docs/decisions.md.
 
@@ -35,12 +36,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cachefs.backends import Backend, ListPage, ObjectInfo
+from cachefs.backends import Backend, ListPage, ObjectInfo, s3
 from cachefs.backends.azure import AzureBackend
 from cachefs.backends.s3 import S3Backend
 from cachefs.source import parse_source
@@ -95,6 +97,14 @@ class SdkAzure(AzureBackend):
         return self._run(f"list {prefix!r}", fetch)  # type: ignore[no-any-return]
 
 
+class TreeS3(S3Backend):
+    """The S3 backend as it was before ``xmlscan``: each page read with ElementTree."""
+
+    def _list_sync(self, prefix: str, delimiter: str | None, token: str | None) -> ListPage:
+        with mock.patch.object(s3, "_parse_listing", s3._parse_listing_tree):
+            return super()._list_sync(prefix, delimiter, token)
+
+
 class BotocoreS3(S3Backend):
     """The S3 backend with botocore parsing listing pages itself (the client without the hook)."""
 
@@ -132,7 +142,8 @@ def s3_backends(server: Server, connections: int) -> dict[str, Backend]:
             return cls(parse_source(f"s3://{BUCKET}"), endpoint_url=server.endpoint_url, region="us-east-1",
                        profile=None, timeout=30, max_connections=connections)
 
-    return {"boto3": make(BotocoreS3, "boto3"), "obstore": make(S3Backend, "obstore")}
+    return {"boto3": make(BotocoreS3, "boto3"), "obstore": make(S3Backend, "obstore"),
+            "ElementTree": make(TreeS3, "obstore")}
 
 
 def azure_backends(server: Server, connections: int) -> dict[str, Backend]:
@@ -198,10 +209,11 @@ def measure_store(server: Server, args: argparse.Namespace, results: dict[str, d
     if "list" in args.only:
         if server.kind == "s3":
             listers = {"botocore": lambda: trio.run(list_all, backends["boto3"]),
+                       "ElementTree (before)": lambda: trio.run(list_all, backends["ElementTree"]),
                        "cachefs": lambda: trio.run(list_all, backends["obstore"])}
             listers["obstore (reference)"] = obstore_lister(backends["obstore"].store)  # type: ignore[attr-defined]
         else:
-            listers = {"sdk": lambda: trio.run(list_all, backends["sdk"]),
+            listers = {"sdk (before)": lambda: trio.run(list_all, backends["sdk"]),
                        "cachefs": lambda: trio.run(list_all, backends["obstore"])}
             listers["obstore (reference)"] = obstore_lister(backends["obstore"].store)  # type: ignore[attr-defined]
 
@@ -210,6 +222,8 @@ def measure_store(server: Server, args: argparse.Namespace, results: dict[str, d
             await gets(b, keys[:100], etags, args.concurrency)
         for _ in range(args.rounds):
             for path, b in backends.items():
+                if path == "ElementTree":
+                    continue  # the obstore data path again: it differs in listings only
                 c, w = await gets(b, keys, etags, args.concurrency)
                 results.setdefault(f"get|{store}|{path}", {"cpu": [], "rate": []})
                 results[f"get|{store}|{path}"]["cpu"].append(c / args.gets * 1000)

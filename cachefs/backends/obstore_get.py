@@ -37,7 +37,7 @@ def get(store: Any, key: str, start: int, length: int, etag: str | None) -> tupl
     try:
         result = obstore.get(store, key, options=options)  # type: ignore[arg-type]
         return bytes(result.bytes()), result.meta.get("e_tag")
-    except obexc.NotFoundError as exc:
+    except (FileNotFoundError, obexc.NotFoundError) as exc:  # obstore raises the built-in one
         raise NotFound(f"get {key!r}: not found") from exc
     except obexc.PreconditionError as exc:
         raise ObjectChanged(f"get {key!r}: object changed") from exc

@@ -51,7 +51,7 @@ from ..errors import (
     temporary_status,
 )
 from ..source import Source
-from . import xmlscan
+from . import obstore_get, xmlscan
 from .base import Backend, ListPage, ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,6 @@ _CHANGED = {"412", "PreconditionFailed"}
 _PERMANENT = {"InvalidPart", "InvalidPartOrder", "EntityTooSmall", "EntityTooLarge", "InvalidRequest",
               "InvalidArgument", "KeyTooLongError", "MalformedXML", "InvalidStorageClass"}
 
-# obstore reports an HTTP error as text: "... Server returned non-2xx status code: 501 Not ..."
-_OBSTORE_STATUS = re.compile(r"status code: (\d{3})")
 
 MIN_PART_SIZE = 5 << 20  # S3 refuses smaller parts but for the last one (EntityTooSmall)
 MAX_PARTS = 10_000  # parts per multipart upload
@@ -395,33 +393,9 @@ class S3Backend(Backend):
         return bytes(data)
 
     def _get_obstore(self, key: str, start: int, length: int, etag: str | None) -> tuple[bytes, str | None] | None:
-        """The bytes and the response's ETag, or None for a key obstore cannot express (its
-        paths drop a leading or trailing "/" and refuse control characters, "." and ".."
-        segments): boto3 gets those."""
-        import obstore
-        from obstore import exceptions as obexc
-
-        if key.startswith("/") or key.endswith("/"):
-            return None
-        options: dict[str, Any] = {"range": (start, start + length)}
-        if etag:
-            options["if_match"] = f'"{etag}"'
-        try:
-            result = obstore.get(self.store, key, options=options)  # type: ignore[arg-type]
-            return bytes(result.bytes()), result.meta.get("e_tag")
-        except obexc.NotFoundError as exc:
-            raise NotFound(f"get {key!r}: not found") from exc
-        except obexc.PreconditionError as exc:
-            raise ObjectChanged(f"get {key!r}: object changed") from exc
-        except (obexc.PermissionDeniedError, obexc.UnauthenticatedError) as exc:
-            raise AccessDenied(f"get {key!r}: access denied") from exc
-        except (ValueError, obexc.InvalidPathError):
-            return None  # "Could not parse path": not a network error, nothing to retry
-        except Exception as exc:  # connection errors, HTTP errors, bodies cut short
-            status = _OBSTORE_STATUS.search(str(exc))
-            if status is not None and not temporary_status(int(status.group(1))):
-                raise BackendError(f"get {key!r}: refused by the store ({status.group(1)})") from exc
-            raise TemporaryFailure(f"get {key!r}: {type(exc).__name__}") from exc
+        """The bytes and the response's ETag, or None for a key obstore cannot express (boto3
+        gets those)."""
+        return obstore_get.get(self.store, key, start, length, etag)
 
     # -- writes ---------------------------------------------------------------------------------
 
