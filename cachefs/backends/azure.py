@@ -178,13 +178,21 @@ class AzureBackend(Backend):
             provider = AzureCredentialProvider(token_credential)
         else:
             config["skip_signature"] = True
+        client_options: dict[str, Any] = {"allow_http": self.endpoint.startswith("http://"),
+                                          "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT),
+                                          "timeout": timedelta(seconds=READ_TIMEOUT),
+                                          "pool_max_idle_per_host": str(max_connections)}
+        ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if ca_bundle:  # the SDK (requests) trusts it: so must the data path
+            try:
+                with open(ca_bundle, "rb") as f:
+                    client_options["root_certificate"] = f.read()
+            except OSError as exc:
+                raise UsageError(f"cannot read the CA bundle {ca_bundle!r}: {exc.strerror}") from exc
         return AzureStore(
             self.source.bucket,
             config=config,  # type: ignore[arg-type]
-            client_options={"allow_http": self.endpoint.startswith("http://"),
-                            "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT),
-                            "timeout": timedelta(seconds=READ_TIMEOUT),
-                            "pool_max_idle_per_host": str(max_connections)},
+            client_options=client_options,  # type: ignore[arg-type]
             retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=1)},
             credential_provider=provider,
         )
