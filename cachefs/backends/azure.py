@@ -214,6 +214,12 @@ class AzureBackend(Backend):
     def translate(self, exc: Exception, what: str) -> BackendError:
         if isinstance(exc, StoreError):
             return self.refusal(exc.status, exc.code, what)
+        if type(exc).__name__ == "CredentialUnavailableError" or (
+                isinstance(exc, azexc.ClientAuthenticationError) and exc.response is None):
+            # No token at all (DefaultAzureCredential tried every source), not a refusal.
+            return AccessDenied(f"{what}: no Azure credentials found (set "
+                                "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY, "
+                                "AZURE_STORAGE_SAS_TOKEN or use a managed identity)")
         if isinstance(exc, azexc.ResourceNotFoundError):
             return NotFound(f"{what}: not found")
         if isinstance(exc, azexc.ResourceModifiedError):
@@ -226,10 +232,6 @@ class AzureBackend(Backend):
             return self.refusal(exc.status_code or 0, code, what)
         if isinstance(exc, azexc.ServiceRequestError):
             return Unreachable(f"{what}: cannot connect to {self.endpoint}")
-        if type(exc).__name__ == "CredentialUnavailableError":
-            return AccessDenied(f"{what}: no Azure credentials found (set "
-                                "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_KEY, "
-                                "AZURE_STORAGE_SAS_TOKEN or use a managed identity)")
         if isinstance(exc, ElementTree.ParseError | ValueError):
             return TemporaryFailure(f"{what}: unreadable answer ({type(exc).__name__})")
         return TemporaryFailure(f"{what}: {type(exc).__name__}")

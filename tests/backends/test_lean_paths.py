@@ -20,8 +20,9 @@ from cachefs.backends.azure import AzureBackend
 from cachefs.backends.s3 import S3Backend
 from cachefs.errors import AccessDenied, NotFound, ObjectChanged, UsageError
 from cachefs.source import parse_source
-from cachefs.testing.servers import AZURITE_ACCOUNT, AZURITE_KEY, Server
-from tests.fuse.mounts import mounted
+from cachefs.testing.identity import managed_identity
+from cachefs.testing.servers import AZURITE_ACCOUNT, AZURITE_KEY, Server, azurite_server
+from tests.fuse.mounts import cachefs, mounted
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -272,3 +273,48 @@ def test_mount_with_an_account_key_reads_through_obstore(azurite: Server, tmp_pa
         assert (m.path / "data" / "sp ace.txt").read_bytes() == b"spaces"
         assert (m.path / "data" / "ü" / "x").read_bytes() == b"unicode"
         assert m.gets() >= 3
+
+
+@pytest.fixture(scope="module")
+def azurite_oauth() -> Iterator[Server]:
+    with azurite_server(oauth=True) as server:
+        yield server
+
+
+def test_mount_with_a_managed_identity(azurite_oauth: Server, tmp_path: Path) -> None:
+    """No key, no SAS: DefaultAzureCredential finds the (loopback) managed identity, and its
+    token serves the listing, HEAD and the obstore GETs of a real mount over HTTPS; the token
+    appears in no log or status."""
+    objects = {"data/a.bin": os.urandom(70_000), "data/b/c.txt": b"nested", "data/sp ace": b"spaces"}
+    name = container(azurite_oauth, objects)
+    with managed_identity() as identity:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "CACHEFS_AZURE_"))}
+        env.update(identity.env, REQUESTS_CA_BUNDLE=str(azurite_oauth.ca_file))
+        with mounted(f"az://{name}", tmp_path / "mnt", tmp_path / "cache", env, "--account", AZURITE_ACCOUNT,
+                     "--endpoint-url", azurite_oauth.endpoint_url, "--log-level", "debug") as m:
+            assert sorted(os.listdir(m.path / "data")) == ["a.bin", "b", "sp ace"]
+            for key, data in objects.items():
+                assert (m.path / key).read_bytes() == data
+            assert m.gets() >= 3
+            status = cachefs("status", "--json", str(m.path), env=env, check=True).stdout
+        assert identity.tokens and identity.refused == 0
+        logs = (tmp_path / "cache" / "cachefs.log").read_text(errors="replace")
+        assert "GET" in logs or "get" in logs
+        for token in identity.tokens:
+            assert token not in status and token not in logs
+            assert token.split(".")[2] not in status + logs
+
+
+def test_a_container_refusing_the_identity_is_one_clear_line(azurite_oauth: Server, tmp_path: Path) -> None:
+    """Without any credential (no managed identity either), mounting fails with exit code 3 and
+    one line, no traceback."""
+    name = container(azurite_oauth, {"x": b"x"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "CACHEFS_AZURE_", "IDENTITY_", "MSI_"))}
+    env.update(REQUESTS_CA_BUNDLE=str(azurite_oauth.ca_file), AZURE_CLIENT_ID="", HOME=str(tmp_path))
+    (tmp_path / "mnt").mkdir()
+    res = cachefs("mount", f"az://{name}", str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "cache"),
+                  "--account", AZURITE_ACCOUNT, "--endpoint-url", azurite_oauth.endpoint_url, env=env, timeout=120)
+    assert res.returncode == 3, res.stderr
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "no Azure credentials found" in res.stderr, res.stderr
