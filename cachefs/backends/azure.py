@@ -182,13 +182,8 @@ class AzureBackend(Backend):
                                           "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT),
                                           "timeout": timedelta(seconds=READ_TIMEOUT),
                                           "pool_max_idle_per_host": str(max_connections)}
-        ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-        if ca_bundle:  # the SDK (requests) trusts it: so must the data path
-            try:
-                with open(ca_bundle, "rb") as f:
-                    client_options["root_certificate"] = f.read()
-            except OSError as exc:
-                raise UsageError(f"cannot read the CA bundle {ca_bundle!r}: {exc.strerror}") from exc
+        # The CA bundle the SDK (requests) trusts: the data path must trust it too.
+        client_options.update(obstore_get.root_certificate("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"))
         return AzureStore(
             self.source.bucket,
             config=config,  # type: ignore[arg-type]

@@ -7,13 +7,35 @@ them) and the backend's timeouts.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
-from ..errors import AccessDenied, BackendError, NotFound, ObjectChanged, TemporaryFailure, temporary_status
+from ..errors import (
+    AccessDenied,
+    BackendError,
+    NotFound,
+    ObjectChanged,
+    TemporaryFailure,
+    UsageError,
+    temporary_status,
+)
 
 # obstore reports an HTTP error as text: "... Server returned non-2xx status code: 501 Not ..."
 _STATUS = re.compile(r"status code: (\d{3})")
+
+
+def root_certificate(*env_names: str) -> dict[str, Any]:
+    """obstore's client option trusting the CA bundle named by the first of ``env_names`` that is
+    set (the one the SDK of the store trusts), or no option."""
+    path = next((os.environ[n] for n in env_names if os.environ.get(n)), None)
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return {"root_certificate": f.read()}
+    except OSError as exc:
+        raise UsageError(f"cannot read the CA bundle {path!r}: {exc.strerror}") from exc
 
 
 def expressible(key: str) -> bool:

@@ -270,10 +270,11 @@ class S3Backend(Backend):
         return S3Store(
             self.source.bucket,
             config=config,  # type: ignore[arg-type]
-            client_options={"allow_http": bool(endpoint_url and endpoint_url.startswith("http://")),
+            client_options={"allow_http": bool(endpoint_url and endpoint_url.startswith("http://")),  # type: ignore[arg-type]
                             "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT),
                             "timeout": timedelta(seconds=READ_TIMEOUT),
-                            "pool_max_idle_per_host": str(max_connections)},
+                            "pool_max_idle_per_host": str(max_connections),
+                            **obstore_get.root_certificate("AWS_CA_BUNDLE")},  # what boto3 trusts
             retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=1)},
             credential_provider=Boto3CredentialProvider(session),
         )

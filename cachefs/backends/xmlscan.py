@@ -48,7 +48,7 @@ def text(raw: bytes) -> str:
     value = raw.decode()
     if "&" not in value:
         return value
-    value = value.replace("&quot;", '"')  # S3's ETags: cheaper than the general case
+    value = value.replace("&quot;", '"').replace("&#34;", '"')  # S3's quoted ETags: the usual case
     return _ENTITY.sub(_entity, value) if "&" in value else value
 
 
