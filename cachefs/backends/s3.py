@@ -372,7 +372,7 @@ class S3Backend(Backend):
         """One ranged GET, pinned to ``etag`` with If-Match (``if_match``) or by comparing the
         response's ETag with it."""
         if self.store is not None:
-            got = self._get_obstore(key, start, length, etag if if_match else None)
+            got = obstore_get.get(self.store, key, start, length, etag if if_match else None)
             if got is not None:
                 data, got_etag = got
                 _check_etag(key, etag, got_etag, if_match)
@@ -392,11 +392,6 @@ class S3Backend(Backend):
             raise TemporaryFailure(f"get {key!r}: body interrupted ({type(exc).__name__})") from exc
         _check_etag(key, etag, resp.get("ETag"), if_match)
         return bytes(data)
-
-    def _get_obstore(self, key: str, start: int, length: int, etag: str | None) -> tuple[bytes, str | None] | None:
-        """The bytes and the response's ETag, or None for a key obstore cannot express (boto3
-        gets those)."""
-        return obstore_get.get(self.store, key, start, length, etag)
 
     # -- writes ---------------------------------------------------------------------------------
 
