@@ -68,6 +68,7 @@ def http_date_ts(text: str) -> float:
 
 _LISTING = xmlscan.scanner(("Name", 'Name Encoded="true"', "Last-Modified", "Etag", "Content-Length", "NextMarker"),
                            ("Blob", "BlobPrefix"))
+_ITEM_LEAVES = frozenset((b"Name", b'Name Encoded="true"', b"Last-Modified", b"Etag", b"Content-Length"))
 
 
 def parse_list_blobs(body: bytes) -> ListPage:
@@ -87,7 +88,9 @@ def _scan_list_blobs(leaves: list[tuple[bytes, bytes]]) -> ListPage:
     mtimes: dict[bytes, float] = {}  # a page's blobs share few distinct times
     text = xmlscan.text
     for tag, raw in leaves:
-        if tag == b"/Blob":
+        if tag in _ITEM_LEAVES:  # most leaves: tested first
+            item[tag] = raw
+        elif tag == b"/Blob":
             modified = item[b"Last-Modified"]
             mtime = mtimes.get(modified)
             if mtime is None:
@@ -100,8 +103,6 @@ def _scan_list_blobs(leaves: list[tuple[bytes, bytes]]) -> ListPage:
             item = {}
         elif tag == b"NextMarker":
             page.token = text(raw) or None
-        else:
-            item[tag] = raw
     return page
 
 

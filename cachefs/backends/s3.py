@@ -137,6 +137,7 @@ _EMPTY_LISTING = (b'<?xml version="1.0" encoding="UTF-8"?>'
 
 _LISTING = xmlscan.scanner(("Key", "LastModified", "ETag", "Size", "Prefix", "EncodingType", "IsTruncated",
                             "NextContinuationToken"), ("Contents", "CommonPrefixes"))
+_ITEM_LEAVES = frozenset((b"Key", b"LastModified", b"ETag", b"Size", b"Prefix"))
 
 
 def _parse_listing(body: bytes) -> ListPage:
@@ -156,7 +157,9 @@ def _scan_listing(leaves: list[tuple[bytes, bytes]]) -> ListPage:
     text = xmlscan.text
     truncated = url = False
     for tag, raw in leaves:
-        if tag == b"/Contents":
+        if tag in _ITEM_LEAVES:  # most leaves: tested first
+            item[tag] = raw
+        elif tag == b"/Contents":
             modified = item[b"LastModified"]
             mtime = times.get(modified)
             if mtime is None:
@@ -173,8 +176,6 @@ def _scan_listing(leaves: list[tuple[bytes, bytes]]) -> ListPage:
             page.token = text(raw) or None
         elif tag == b"EncodingType":
             url = raw.strip() == b"url"
-        else:
-            item[tag] = raw
     if not truncated:
         page.token = None
     if url:  # where EncodingType comes in the page is not fixed: decode once it is known
