@@ -7,9 +7,9 @@ a SAS token, else ``DefaultAzureCredential`` (managed identity, workload identit
 All three clients use the one that was chosen, never one of their own from the environment.
 
 Ranged GETs (the hot path, one per small file) go through obstore's ``AzureStore`` (Rust; releases
-the GIL): ~0.3 ms of CPU per GET instead of ~2 ms through the SDK (bench/get_cpu.py). Keys that
+the GIL): ~0.5 ms of CPU per GET instead of 2-4 ms through the SDK (bench/get_cpu.py). Keys that
 obstore's paths cannot hold ("a//b", a leading or trailing "/") are read through ``azure_rest``.
-Listings go through ``azure_rest`` too: the SDK's XML deserializer costs ~50x more CPU per key.
+Listings go through ``azure_rest`` too: the SDK's XML deserializer costs 30-50x more CPU per key.
 ``CACHEFS_AZURE_DATA_PATH=rest`` sends every GET through ``azure_rest`` (for comparison, or a
 store obstore cannot talk to). No client retries its own requests; ``retry.py`` owns retries.
 
