@@ -6,6 +6,7 @@ listings that give exactly what the SDKs' own listings give (Azurite; moto and S
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,7 @@ TIMEOUT = 10.0
 ODD_KEYS = ["d/plain.bin", "d/sp ace.bin", "d/plus+sign", "d/pct%20x", "d/amp&lt<gt>", "d/hash#q?x",
             "d/unicodé/ü.txt", "d/sub/deeper/x", "d/sub/y", "d/zz"]
 AZURE_ONLY_KEYS = ["d/dd//x", "/lead", "d/marker/"]
+TOKEN_LIFETIME = 12  # seconds a managed identity's token lives in the mount test
 
 
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,21 +293,29 @@ def azurite_oauth() -> Iterator[Server]:
 
 def test_mount_with_a_managed_identity(azurite_oauth: Server, tmp_path: Path) -> None:
     """No key, no SAS: DefaultAzureCredential finds the (loopback) managed identity, and its
-    token serves the listing, HEAD and the obstore GETs of a real mount over HTTPS; the token
-    appears in no log or status."""
-    objects = {"data/a.bin": os.urandom(70_000), "data/b/c.txt": b"nested", "data/sp ace": b"spaces"}
-    name = container(azurite_oauth, objects)
-    with managed_identity() as identity:
+    tokens serve the listings, HEADs and obstore GETs of a real mount over HTTPS, also after the
+    first token expired (tokens live TOKEN_LIFETIME seconds here); no token appears in the log
+    or the status."""
+    first = {"one/a.bin": os.urandom(70_000), "one/b/c.txt": b"nested", "one/sp ace": b"spaces"}
+    later = {"two/x.bin": os.urandom(50_000), "two/y.txt": b"read after the first token expired"}
+    name = container(azurite_oauth, {**first, **later})
+    with managed_identity(lifetime=TOKEN_LIFETIME) as identity:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "CACHEFS_AZURE_"))}
         env.update(identity.env, REQUESTS_CA_BUNDLE=str(azurite_oauth.ca_file))
         with mounted(f"az://{name}", tmp_path / "mnt", tmp_path / "cache", env, "--account", AZURITE_ACCOUNT,
                      "--endpoint-url", azurite_oauth.endpoint_url, "--log-level", "debug") as m:
-            assert sorted(os.listdir(m.path / "data")) == ["a.bin", "b", "sp ace"]
-            for key, data in objects.items():
+            assert sorted(os.listdir(m.path / "one")) == ["a.bin", "b", "sp ace"]
+            for key, data in first.items():
                 assert (m.path / key).read_bytes() == data
-            assert m.gets() >= 3
+            issued = len(identity.tokens)
+            time.sleep(TOKEN_LIFETIME + 2)  # every token issued so far has expired
+            assert sorted(os.listdir(m.path / "two")) == ["x.bin", "y.txt"]
+            for key, data in later.items():
+                assert (m.path / key).read_bytes() == data
+            assert len(identity.tokens) > issued  # a fresh token served the later requests
+            assert m.gets() >= 5
             status = cachefs("status", "--json", str(m.path), env=env, check=True).stdout
-        assert identity.tokens and identity.refused == 0
+        assert identity.refused == 0
         logs = (tmp_path / "cache" / "cachefs.log").read_text(errors="replace")
         assert "GET" in logs or "get" in logs
         for token in identity.tokens:
