@@ -193,8 +193,9 @@ class BlobRest:
                               max_retries=Retry(total=False, redirect=False, raise_on_status=False))
         session.mount("http://", adapter)
         session.mount("https://", adapter)
-        self.client: PipelineClient[HttpRequest, HttpResponse] = PipelineClient(self.base, policies=policies,
-                                     transport=RequestsTransport(session=session, session_owner=True))
+        transport = RequestsTransport(session=session, session_owner=True)
+        self.client: PipelineClient[HttpRequest, HttpResponse] = PipelineClient(
+            self.base, policies=policies, transport=transport)
 
     def _url(self, path: str, query: dict[str, str]) -> str:
         q = urlencode(query, quote_via=quote)
