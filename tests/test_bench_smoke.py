@@ -63,3 +63,18 @@ def test_bench_scale_smoke(tmp_path: Path) -> None:
     assert len(re.findall(r"^\| [^|]+ \| [^|]+ \| (yes|\*\*no\*\*) \|$", report, re.M)) == 7
     with open("/proc/mounts") as f:
         assert "cachefs-scale-" not in f.read()
+
+
+@pytest.mark.timeout(300)
+def test_bench_get_cpu_smoke() -> None:
+    """bench/get_cpu.py at a tiny size: every client of both stores is measured (each GET is
+    length-checked and each listing must see every key, or the script fails)."""
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "get_cpu.py"), "--gets", "60", "--concurrency", "8",
+                          "--rounds", "1", "--keys", "1200"], capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = {tuple(line.split()[:3]) for line in res.stdout.splitlines() if len(line.split()) >= 3}
+    for store, path in [("S3", "boto3"), ("S3", "obstore"), ("Azure", "sdk"), ("Azure", "rest"), ("Azure", "obstore")]:
+        assert any(r[0] == store and r[2] == path for r in rows), (store, path, res.stdout)
+    for store, client in [("S3", "botocore"), ("S3", "ElementTree"), ("S3", "cachefs"), ("S3", "obstore"),
+                          ("Azure", "sdk"), ("Azure", "cachefs"), ("Azure", "obstore")]:
+        assert any(r[0] == store and r[2] == client for r in rows), (store, client, res.stdout)

@@ -59,6 +59,7 @@ from ..errors import (
     temporary_status,
 )
 from ..source import Source
+from . import obstore_get, xmlscan
 from .base import Backend, ListPage, ObjectInfo
 from .ibm_iam import KeyRefused, Tokens, key_from_env
 
@@ -77,8 +78,6 @@ _CHANGED = {"412", "PreconditionFailed"}
 _PERMANENT = {"InvalidPart", "InvalidPartOrder", "EntityTooSmall", "EntityTooLarge", "InvalidRequest",
               "InvalidArgument", "KeyTooLongError", "MalformedXML", "InvalidStorageClass"}
 
-# obstore reports an HTTP error as text: "... Server returned non-2xx status code: 501 Not ..."
-_OBSTORE_STATUS = re.compile(r"status code: (\d{3})")
 
 MIN_PART_SIZE = 5 << 20  # S3 refuses smaller parts but for the last one (EntityTooSmall)
 MAX_PARTS = 10_000  # parts per multipart upload
@@ -146,9 +145,58 @@ _EMPTY_LISTING = (b'<?xml version="1.0" encoding="UTF-8"?>'
                   b'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"></ListBucketResult>')
 
 
+_LISTING = xmlscan.scanner(("Key", "LastModified", "ETag", "Size", "Prefix", "EncodingType", "IsTruncated",
+                            "NextContinuationToken"), ("Contents", "CommonPrefixes"))
+_ITEM_LEAVES = frozenset((b"Key", b"LastModified", b"ETag", b"Size", b"Prefix"))
+
+
 def _parse_listing(body: bytes) -> ListPage:
     """A ListObjectsV2 answer, as botocore would give it (keys URL-decoded when the store
-    encoded them: botocore asks for encoding-type=url)."""
+    encoded them: botocore asks for encoding-type=url). Read by ``xmlscan`` (a fraction of
+    ElementTree's CPU), or by ElementTree when the page is not of the plain shape it reads."""
+    try:
+        return _scan_listing(xmlscan.scan(body, b"ListBucketResult", _LISTING))
+    except (xmlscan.Unreadable, KeyError):  # KeyError: an item without a key or a time
+        return _parse_listing_tree(body)
+
+
+def _scan_listing(leaves: list[tuple[bytes, bytes]]) -> ListPage:
+    page = ListPage()
+    item: dict[bytes, bytes] = {}
+    times: dict[bytes, float] = {}  # a page's objects share few distinct times
+    text = xmlscan.text
+    truncated = url = False
+    for tag, raw in leaves:
+        if tag in _ITEM_LEAVES:  # most leaves: tested first
+            item[tag] = raw
+        elif tag == b"/Contents":
+            modified = item[b"LastModified"]
+            mtime = times.get(modified)
+            if mtime is None:
+                mtime = times[modified] = _timestamp(modified.decode()).timestamp()
+            page.objects.append(ObjectInfo(text(item[b"Key"]), int(item.get(b"Size") or 0),
+                                           text(item.get(b"ETag", b"")).strip('"'), mtime))
+            item = {}
+        elif tag == b"/CommonPrefixes":
+            page.prefixes.append(text(item[b"Prefix"]))
+            item = {}
+        elif tag == b"IsTruncated":
+            truncated = raw.strip().lower() == b"true"
+        elif tag == b"NextContinuationToken":
+            page.token = text(raw) or None
+        elif tag == b"EncodingType":
+            url = raw.strip() == b"url"
+    if not truncated:
+        page.token = None
+    if url:  # where EncodingType comes in the page is not fixed: decode once it is known
+        page.objects = [o._replace(key=unquote_plus(o.key)) if "%" in o.key or "+" in o.key else o
+                        for o in page.objects]
+        page.prefixes = [unquote_plus(p) for p in page.prefixes]
+    return page
+
+
+def _parse_listing_tree(body: bytes) -> ListPage:
+    """``_parse_listing`` through ElementTree, for a page the scanner does not read."""
     root = ElementTree.fromstring(body)
     ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
     url = (root.findtext(ns + "EncodingType") or "") == "url"
@@ -249,7 +297,8 @@ class S3Backend(Backend):
             "allow_http": bool(endpoint_url and endpoint_url.startswith("http://")),
             "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT),
             "timeout": timedelta(seconds=READ_TIMEOUT),
-            "pool_max_idle_per_host": str(self._max_connections)}
+            "pool_max_idle_per_host": str(self._max_connections),
+            **obstore_get.root_certificate("AWS_CA_BUNDLE")}  # what boto3 trusts
         if headers is not None:
             config["skip_signature"] = True
             client_options["default_headers"] = headers
@@ -395,7 +444,7 @@ class S3Backend(Backend):
         response's ETag with it."""
         if self._data_store() is not None:
             got = self._token_retry(
-                lambda: self._get_obstore(self._data_store(), key, start, length, etag if if_match else None))
+                lambda: obstore_get.get(self._data_store(), key, start, length, etag if if_match else None))
             if got is not None:
                 data, got_etag = got
                 _check_etag(key, etag, got_etag, if_match)
@@ -415,36 +464,6 @@ class S3Backend(Backend):
             raise TemporaryFailure(f"get {key!r}: body interrupted ({type(exc).__name__})") from exc
         _check_etag(key, etag, resp.get("ETag"), if_match)
         return bytes(data)
-
-    def _get_obstore(self, store: Any, key: str, start: int, length: int,
-                     etag: str | None) -> tuple[bytes, str | None] | None:
-        """The bytes and the response's ETag, or None for a key obstore cannot express (its
-        paths drop a leading or trailing "/" and refuse control characters, "." and ".."
-        segments): boto3 gets those."""
-        import obstore
-        from obstore import exceptions as obexc
-
-        if key.startswith("/") or key.endswith("/"):
-            return None
-        options: dict[str, Any] = {"range": (start, start + length)}
-        if etag:
-            options["if_match"] = f'"{etag}"'
-        try:
-            result = obstore.get(store, key, options=options)  # type: ignore[arg-type]
-            return bytes(result.bytes()), result.meta.get("e_tag")
-        except obexc.NotFoundError as exc:
-            raise NotFound(f"get {key!r}: not found") from exc
-        except obexc.PreconditionError as exc:
-            raise ObjectChanged(f"get {key!r}: object changed") from exc
-        except (obexc.PermissionDeniedError, obexc.UnauthenticatedError) as exc:
-            raise AccessDenied(f"get {key!r}: access denied") from exc
-        except (ValueError, obexc.InvalidPathError):
-            return None  # "Could not parse path": not a network error, nothing to retry
-        except Exception as exc:  # connection errors, HTTP errors, bodies cut short
-            status = _OBSTORE_STATUS.search(str(exc))
-            if status is not None and not temporary_status(int(status.group(1))):
-                raise BackendError(f"get {key!r}: refused by the store ({status.group(1)})") from exc
-            raise TemporaryFailure(f"get {key!r}: {type(exc).__name__}") from exc
 
     # -- writes ---------------------------------------------------------------------------------
 

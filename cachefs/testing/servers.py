@@ -12,7 +12,10 @@ upload) and on exit stops the server's whole process group and removes its tempo
   ``weed volume``, ``weed filer -s3``) to remote-mount an origin bucket: the cache tier of
   ``--tier-endpoint-url``;
 - ``azurite_server()`` Azurite's blob service (npm, installed by ``install.sh --test`` into
-  ``.venv/azurite``; ``CACHEFS_AZURITE`` may name the ``azurite-blob`` script instead).
+  ``.venv/azurite``; ``CACHEFS_AZURITE`` may name the ``azurite-blob`` script instead);
+  ``azurite_server(oauth=True)`` serves HTTPS with a certificate of a test CA (its file in
+  ``ca_file`` and as ``REQUESTS_CA_BUNDLE`` in ``env``) and also takes bearer tokens (see
+  ``identity.py``).
 
 Servers run under ``lifeline`` so they also stop when the process that started them is killed.
 Their output goes to ``server.log`` in their temporary directory; a server that does not come up
@@ -92,6 +95,7 @@ class Server:
     env: dict[str, str]  # what a client (and cachefs) needs in its environment
     workdir: str  # temporary directory: data, config, server.log
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    ca_file: str | None = None  # the CA that signed an HTTPS server's certificate
 
     @property
     def address(self) -> tuple[str, int]:
@@ -143,6 +147,8 @@ class Server:
         if self.kind != "azure":
             raise TypeError(f"{self.name} is not an Azure server")
         conn = _azurite_connection_string(endpoint_url) if endpoint_url else self.env["AZURE_STORAGE_CONNECTION_STRING"]
+        if self.ca_file:
+            kwargs.setdefault("connection_verify", self.ca_file)
         return BlobServiceClient.from_connection_string(conn, **kwargs)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -546,18 +552,55 @@ def azurite_binary() -> str:
 
 
 def _azurite_connection_string(blob_endpoint: str) -> str:
-    return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+    scheme = blob_endpoint.split("://", 1)[0]
+    return (f"DefaultEndpointsProtocol={scheme};AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
             f"BlobEndpoint={blob_endpoint};")
 
 
+def make_test_ca(workdir: str) -> tuple[str, str, str]:
+    """A CA and a certificate it signed for 127.0.0.1 and localhost, valid for a day, written to
+    ``workdir``: (CA file, certificate file, key file), PEM."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cachefs test CA")])
+
+    def build(subject: x509.Name, public: Any, ca: bool) -> x509.CertificateBuilder:
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(public)
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+
+    ca = build(ca_name, ca_key.public_key(), True).sign(ca_key, hashes.SHA256())
+    cert = (build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), key.public_key(), False)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = (str(Path(workdir, "ca.pem")), str(Path(workdir, "cert.pem")), str(Path(workdir, "key.pem")))
+    Path(paths[0]).write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    Path(paths[1]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    Path(paths[2]).write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+    return paths
+
+
 @contextlib.contextmanager
-def azurite_server() -> Iterator[Server]:
-    """Azurite's blob service, account devstoreaccount1, data under the temporary directory."""
+def azurite_server(oauth: bool = False) -> Iterator[Server]:
+    """Azurite's blob service, account devstoreaccount1, data under the temporary directory;
+    with ``oauth``, over HTTPS and taking bearer tokens too (Azurite's "basic" OAuth: it checks a
+    token's audience, issuer and times, not its signature)."""
     binary = azurite_binary()
 
     def start(workdir: str) -> contextlib.AbstractContextManager[Server]:
         port = free_port()
-        endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+        endpoint = f"{'https' if oauth else 'http'}://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
         server = Server("azurite", "azure", endpoint,
                         {"AZURE_STORAGE_CONNECTION_STRING": _azurite_connection_string(endpoint)}, workdir)
         location = Path(workdir, "data")
@@ -565,6 +608,10 @@ def azurite_server() -> Iterator[Server]:
         cmd = [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(location),
                "--silent", "--skipApiVersionCheck", "--loose", "--disableTelemetry",
                "--blobKeepAliveTimeout", str(AZURITE_KEEPALIVE_SECONDS)]
+        if oauth:
+            server.ca_file, cert, key = make_test_ca(workdir)
+            server.env["REQUESTS_CA_BUNDLE"] = server.ca_file
+            cmd += ["--cert", cert, "--key", key, "--oauth", "basic"]
 
         def ready() -> None:
             for _ in server.blob_service(retry_total=0, read_timeout=PROBE_TIMEOUT).list_containers():
