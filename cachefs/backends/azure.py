@@ -36,6 +36,7 @@ from xml.etree import ElementTree
 from azure.core import exceptions as azexc
 from azure.storage.blob import BlobBlock, BlobServiceClient
 
+from ..credentials import env_secret
 from ..errors import (
     AccessDenied,
     BackendError,
@@ -71,21 +72,6 @@ _PERMANENT = {"InvalidBlockList", "InvalidBlockId", "InvalidBlobOrBlock", "Block
 def block_id(upload_id: str, number: int) -> str:
     """The id of part ``number`` of an upload (before the SDK's base64)."""
     return f"{upload_id}-{number:06d}"
-
-
-def env_secret(name: str) -> str | None:
-    """The value of $NAME, or the stripped contents of the file named by $NAME_FILE."""
-    value = os.environ.get(name)
-    if value:
-        return value
-    path = os.environ.get(name + "_FILE")
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read().strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read {name}_FILE {path!r}: {exc.strerror}") from exc
-    return None
 
 
 class _Static:
