@@ -69,6 +69,19 @@ class ServerError(RuntimeError):
     """A server could not be started (missing binary, port clash, did not answer)."""
 
 
+def _probe_write(server: Server) -> None:
+    """Write, read and delete an object in a bucket of its own: SeaweedFS's S3 port answers before
+    its filer and volume servers take writes."""
+    probe = "cachefs-ready-probe"
+    client = server.s3_client(retries=0, read_timeout=PROBE_TIMEOUT)
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=probe)
+    client.put_object(Bucket=probe, Key="x", Body=b"x")
+    client.get_object(Bucket=probe, Key="x")["Body"].read()
+    client.delete_object(Bucket=probe, Key="x")
+    client.delete_bucket(Bucket=probe)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (the caller binds it soon after)."""
     with socket.socket() as s:
@@ -388,17 +401,10 @@ def seaweed_server() -> Iterator[Server]:
         port = free_port()
         env = {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
         server = Server("seaweed", "s3", f"http://127.0.0.1:{port}", env, workdir)
-        probe = "cachefs-ready-probe"
 
         def ready() -> None:
             # The S3 port opens before the filer and the volume server take writes: probe a write.
-            client = server.s3_client(retries=0, read_timeout=PROBE_TIMEOUT)
-            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-                client.create_bucket(Bucket=probe)
-            client.put_object(Bucket=probe, Key="x", Body=b"x")
-            client.get_object(Bucket=probe, Key="x")["Body"].read()
-            client.delete_object(Bucket=probe, Key="x")
-            client.delete_bucket(Bucket=probe)
+            _probe_write(server)
 
         return _running(server, weed_mini_command(weed, workdir, port, str(config)), ready)
 
@@ -513,14 +519,7 @@ def seaweed_tier() -> Iterator[SeaweedTier]:
             server = Server("seaweed-tier", "s3", f"http://127.0.0.1:{s3}", env, workdir)
 
             def s3_ready() -> None:
-                probe = "cachefs-ready-probe"
-                client = server.s3_client(retries=0, read_timeout=PROBE_TIMEOUT)
-                with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-                    client.create_bucket(Bucket=probe)
-                client.put_object(Bucket=probe, Key="x", Body=b"x")
-                client.get_object(Bucket=probe, Key="x")["Body"].read()
-                client.delete_object(Bucket=probe, Key="x")
-                client.delete_bucket(Bucket=probe)
+                _probe_write(server)
 
             process("filer", s3, [
                 "filer", f"-defaultStoreDir={workdir}/filer", *common, f"-port={filer}",
