@@ -238,10 +238,10 @@ class Daemon:
                 layers.lister.nursery = nursery
                 nursery.start_soon(self._fuse_main, nursery)
                 nursery.start_soon(self._signals, nursery)
+                await nursery.start(prefetcher.run)
                 await nursery.start(control.serve, sock_path, self._control_handler(core, prefetcher))
                 if writer is not None:
                     await nursery.start(writer.run)
-                nursery.start_soon(prefetcher.run)
                 nursery.start_soon(self._housekeeping, cache, meta, ns_dir)
                 if not checked:
                     nursery.start_soon(_check_index, meta)
@@ -348,12 +348,24 @@ class Daemon:
             if cmd == "status":
                 return self.status(core, prefetcher)
             if cmd == "prefetch":
-                paths = [str(p) for p in req.get("paths") or [""]]
+                paths = _paths(req.get("paths") or [""])
+                if req.get("ordered"):  # --from-list: an announced order (the default stream)
+                    stream = prefetcher.announce("default", [paths])
+                    return {"queued": len(paths), "stream": stream.name}
                 try:
-                    prefetcher.submit(paths, ordered=bool(req.get("ordered")))
+                    prefetcher.submit(paths, shard=_shard(req.get("shard")))
                 except trio.WouldBlock:
                     return {"error": "too many prefetch jobs queued; try again later"}
                 return {"queued": len(paths)}
+            if cmd == "order":
+                name = req.get("stream") or "default"
+                orders = req.get("orders")
+                if not isinstance(name, str) or not isinstance(orders, list):
+                    return {"error": "an order request needs 'orders': a list of lists of paths"}
+                if not orders:
+                    return {"stream": name, "forgotten": prefetcher.forget(name)}
+                stream = prefetcher.announce(name, [_paths(o) for o in orders])
+                return {"stream": stream.name, "items": [len(o) for o in stream.orders]}
             return {"error": f"unknown command {cmd!r}"}
 
         return handle
@@ -394,6 +406,7 @@ class Daemon:
                         "retries": sum(sample("cachefs_backend_retries_total", operation=op)
                                        for op in metrics.BACKEND_OPERATIONS)},
             "prefetch": prefetcher.progress.as_dict(),
+            "orders": prefetcher.planner.status(),
             "writes": self._write_status(core),
         }
 
@@ -405,6 +418,22 @@ class Daemon:
         return {"pending": writer.pending(), "recovered": list(writer.recovered),
                 "staged_bytes": writer.staged_bytes,
                 "uploaded_bytes": metrics.upload_bytes._value.get()}
+
+
+def _paths(value: object) -> list[str]:
+    """Paths of a control request, relative to the mount root."""
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise ValueError("paths must be a list of strings")
+    return [p.strip("/") for p in value]
+
+
+def _shard(value: object) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) for v in value)
+            or not 0 <= value[0] < value[1]):
+        raise ValueError("shard must be [RANK, WORLD] with 0 <= RANK < WORLD")
+    return value[0], value[1]
 
 
 async def _open_index(ns_dir: str) -> tuple[MetadataStore, bool]:
