@@ -18,10 +18,12 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import lmdb
@@ -136,14 +138,24 @@ def cache_capacity(cache_dir: str, size: int | Fraction) -> int:
     return capacity
 
 
-def control_socket_path(ns_dir: str) -> str:
-    """The control socket: in the namespace, or, when that path is too long for a socket name,
-    in a fresh private directory (0700, unpredictable name) under the temporary directory.
-    Clients find it through the mount's ``user.cachefs.control`` attribute."""
-    path = os.path.join(ns_dir, "control.sock")
-    if len(path.encode()) < 100:  # sun_path holds 108 bytes
-        return path
-    return os.path.join(tempfile.mkdtemp(prefix="cachefs-"), "control.sock")
+def control_socket_path(ns_dir: str, path: str | None = None, group: int | None = None) -> str:
+    """The control socket: at ``path`` (``--control-socket``) if given; else in the namespace,
+    unless that path is too long for a socket name or ``--control-group`` needs a directory the
+    group can reach (the cache dir is 0700): then in a fresh private directory (unpredictable
+    name) under the temporary directory. Clients find it through the mount's
+    ``user.cachefs.control`` attribute."""
+    if path is not None:
+        if len(path.encode()) >= 108:
+            raise MountError(f"--control-socket {path}: longer than a socket name may be (107 bytes)")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise MountError(f"--control-socket {path}: its directory does not exist")
+        if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise MountError(f"--control-socket {path}: exists and is not a socket")
+        return os.path.abspath(path)
+    inside = os.path.join(ns_dir, "control.sock")
+    if len(inside.encode()) < 100 and group is None:  # sun_path holds 108 bytes
+        return inside
+    return os.path.join(control.private_dir(group), "control.sock")
 
 
 class Daemon:
@@ -204,7 +216,8 @@ class Daemon:
         core, prefetcher, writer = layers.core, layers.prefetcher, layers.writer
         if writer is not None:
             writer.recover()
-        sock_path = control_socket_path(ns_dir)
+        sock_path = control_socket_path(ns_dir, cfg.control_socket, cfg.control_group)
+        made_dir = cfg.control_socket is None and not sock_path.startswith(ns_dir)
         ops = CachefsOperations(core, sock_path)
 
         options = {"fsname=cachefs", "subtype=cachefs", "noatime", "nodev", "nosuid",
@@ -239,7 +252,8 @@ class Daemon:
                 nursery.start_soon(self._fuse_main, nursery)
                 nursery.start_soon(self._signals, nursery)
                 await nursery.start(prefetcher.run)
-                await nursery.start(control.serve, sock_path, self._control_handler(core, prefetcher))
+                await nursery.start(partial(control.serve, sock_path, self._control_handler(core, prefetcher),
+                                            group=cfg.control_group))
                 if writer is not None:
                     await nursery.start(writer.run)
                 nursery.start_soon(self._housekeeping, cache, meta, ns_dir)
@@ -258,7 +272,7 @@ class Daemon:
                 cache.flush_atimes()
             pyfuse3.close(unmount=True)
             meta.close()
-            if not sock_path.startswith(ns_dir):
+            if made_dir:
                 with contextlib.suppress(OSError):
                     os.rmdir(os.path.dirname(sock_path))
             with contextlib.suppress(Exception):
