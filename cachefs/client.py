@@ -71,18 +71,21 @@ class OrderedSampler:
     indices into ``paths``) and announces each epoch's order to the mount before yielding it.
 
     A sampler with ``set_epoch`` and a seed (``DistributedSampler``) is deterministic: the next
-    epoch's order is computed and announced too, so the daemon keeps what that epoch reads
-    first. Other samplers draw a new order per iteration; only that one is announced.
+    epoch's order is computed and announced too (unless ``announce_next=False``), so the daemon
+    keeps what that epoch reads first and fetches its start ahead. Other samplers draw a new
+    order per iteration; only that one is announced.
     """
 
     def __init__(self, sampler: Any, paths: Sequence[str | os.PathLike[str]],
-                 mountpoint: str | os.PathLike[str], stream: str | None = None) -> None:
+                 mountpoint: str | os.PathLike[str], stream: str | None = None,
+                 announce_next: bool = True) -> None:
         self.sampler = sampler
         self.paths = [os.fspath(p) for p in paths]
         self.mountpoint = os.fspath(mountpoint)
         rank = getattr(sampler, "rank", None)
         self.stream = stream or (f"rank{rank}" if isinstance(rank, int) else "default")
         self.epoch = 0
+        self.announce_next = announce_next
         self._warned = False
 
     @property
@@ -100,7 +103,7 @@ class OrderedSampler:
     def __iter__(self) -> Iterator[int]:
         indices = [int(i) for i in self.sampler]
         epochs = [indices]
-        if self.deterministic:
+        if self.deterministic and self.announce_next:
             self.sampler.set_epoch(self.epoch + 1)
             try:
                 epochs.append([int(i) for i in self.sampler])

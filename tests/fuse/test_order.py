@@ -8,6 +8,7 @@ pages are dropped after reading (POSIX_FADV_DONTNEED), as for a dataset larger t
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import random
@@ -160,3 +161,116 @@ def test_eviction_from_the_known_future(s3_bucket: Bucket, tmp_path: Path) -> No
     # Each shuffled epoch can hit at most what the cache held when it began (capacity / dataset,
     # which stable already reaches); the known future lets the daemon fetch the rest ahead.
     assert not_waited >= 0.95 and not_waited > stable_not_waited + 0.2
+
+
+class FakeDistributedSampler:
+    """PyTorch's DistributedSampler protocol without torch: a seeded shuffle per epoch, padded
+    to a multiple of the world size, every world-th index from the rank on."""
+
+    def __init__(self, n: int, rank: int, world: int, seed: int = 0) -> None:
+        self.n, self.rank, self.world, self.seed, self.epoch = n, rank, world, seed, 0
+        self.total = -(-n // world) * world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        indices = list(range(self.n))
+        random.Random(self.seed + self.epoch).shuffle(indices)
+        indices += indices[:self.total - self.n]
+        return iter(indices[self.rank:self.total:self.world])
+
+    def __len__(self) -> int:
+        return self.total // self.world
+
+
+class FakeRandomSampler:
+    """RandomSampler's protocol: a new order at every iteration, no set_epoch, no seed."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(random.sample(range(self.n), self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_four_nodes_each_fetch_their_ranks_share(s3_bucket: Bucket, tmp_path: Path) -> None:
+    """Four mounts on four cache dirs (four nodes), each told its rank's DistributedSampler order
+    by the sampler wrapper: epoch 1 costs each object about one GET in all. Then bulk prefetch
+    with --shard RANK/4 on each node: every object once, none twice."""
+    world = 4
+    data = {f"train/c{i % 5}/f{i:04d}": os.urandom(2000) for i in range(203)}
+    val = {f"val/v{i:03d}": os.urandom(1000) for i in range(60)}
+    s3_bucket.put_many(data | val)
+    paths = sorted(data)
+    with contextlib.ExitStack() as stack:
+        mounts = [stack.enter_context(mounted(s3_bucket.source, tmp_path / f"mnt{r}", tmp_path / f"cache{r}",
+                                              s3_bucket.mount_env, *s3_bucket.mount_args)) for r in range(world)]
+        # Epoch 1 only (the next epoch's order would be fetched ahead as well, and counted).
+        samplers = [client.OrderedSampler(FakeDistributedSampler(len(paths), r, world, seed=3),
+                                          [m.path / p for p in paths], m.path, announce_next=False)
+                    for r, m in enumerate(mounts)]
+        for r, (m, sampler) in enumerate(zip(mounts, samplers, strict=True)):
+            sampler.set_epoch(0)
+            assert sampler.stream == f"rank{r}" and len(sampler) == 51
+            for i in sampler:  # as a DataLoader's workers would read them
+                assert read_dropping_pages(m.path / paths[i]) == data[paths[i]]
+            st = client.status(m.path)["orders"][f"rank{r}"]
+            assert (st["epochs_announced"], st["position"]) == (1, 51)
+        gets = [m.gets() for m in mounts]
+        assert sum(gets) <= 1.05 * len(paths), gets  # 203 objects, 204 reads (one padded)
+
+        for r, m in enumerate(mounts):
+            cachefs("prefetch", str(m.path), "val", "--shard", f"{r}/{world}", "--wait", env=m.env, check=True)
+        val_gets = [m.gets() - g for m, g in zip(mounts, gets, strict=True)]
+        assert sum(val_gets) == len(val) and max(val_gets) < len(val)
+        res = cachefs("prefetch", str(mounts[0].path), "--shard", "4/4", env=mounts[0].env)
+        assert res.returncode == 2 and "RANK/WORLD" in res.stderr
+
+
+def test_sampler_wrapper_announces_what_it_yields(s3_bucket: Bucket, tmp_path: Path) -> None:
+    data = {f"s/f{i:03d}": os.urandom(500) for i in range(40)}
+    s3_bucket.put_many(data | {"t/other": b"other"})
+    paths = sorted(data)
+    with mounted(s3_bucket.source, tmp_path / "mnt", tmp_path / "cache", s3_bucket.mount_env,
+                 *s3_bucket.mount_args) as m:
+        sampler = client.OrderedSampler(FakeRandomSampler(len(paths)), paths, m.path)
+        assert not sampler.deterministic and len(sampler) == len(paths)
+        order = list(sampler)
+        assert sorted(order) == list(range(len(paths)))
+        st = client.status(m.path)["orders"]["default"]
+        assert st["epochs_announced"] == 1 and st["epoch_items"] == len(paths)
+        for i in order[:10]:
+            read_dropping_pages(m.path / paths[i])
+        wait_for(lambda: client.status(m.path)["orders"]["default"]["position"] == 10)
+        # Reads of files the order does not name leave the position alone.
+        assert read_dropping_pages(m.path / "t" / "other") == b"other"
+        assert client.status(m.path)["orders"]["default"]["position"] == 10
+        client.forget(m.path)
+        assert client.status(m.path)["orders"] == {}
+        # A seeded sampler: the next epoch is announced too, and its start fetched ahead.
+        seeded = client.OrderedSampler(FakeDistributedSampler(len(paths), 1, 2, seed=5), paths, m.path)
+        assert seeded.deterministic and seeded.stream == "rank1"
+        seeded.set_epoch(0)
+        epoch0 = list(seeded)
+        assert client.status(m.path)["orders"]["rank1"]["epochs_announced"] == 2
+        for i in epoch0:
+            read_dropping_pages(m.path / paths[i])
+        seeded.set_epoch(1)
+        epoch1 = list(seeded)
+        reference = FakeDistributedSampler(len(paths), 1, 2, seed=5)
+        reference.set_epoch(1)
+        assert epoch1 == list(reference) != epoch0
+        wait_for(lambda: client.status(m.path)["orders"]["rank1"]["state"] == "caught up")
+        before = m.gets()
+        for i in epoch1:
+            read_dropping_pages(m.path / paths[i])
+        assert m.gets() == before
+        # Not a cachefs mount: training goes on, the wrapper only logs.
+        lost = client.OrderedSampler(FakeRandomSampler(3), ["a", "b", "c"], tmp_path)
+        assert sorted(lost) == [0, 1, 2]
+        with pytest.raises(ValueError):
+            client.announce(m.path, ["/elsewhere/x"])
