@@ -54,7 +54,7 @@ class Order:
     __slots__ = ("index", "inos", "resolved")
 
     def __init__(self, length: int) -> None:
-        self.inos = array("Q", bytes(8 * length))
+        self.inos = array("Q", [0]) * length  # exactly 8 bytes per item
         self.index = array("Q")  # ino << 32 | position, sorted; empty until resolved
         self.resolved = 0  # items [0, resolved) hold their inode number
 
