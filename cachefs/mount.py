@@ -374,8 +374,9 @@ class Daemon:
             if cmd == "order":
                 name = req.get("stream") or "default"
                 orders = req.get("orders")
-                if not isinstance(name, str) or not isinstance(orders, list):
-                    return {"error": "an order request needs 'orders': a list of lists of paths"}
+                if not isinstance(name, str) or not 0 < len(name) <= 200 or not isinstance(orders, list):
+                    return {"error": "an order request needs 'stream' (a name of at most 200 characters) "
+                                     "and 'orders' (a list of lists of paths)"}
                 if not orders:
                     return {"stream": name, "forgotten": prefetcher.forget(name)}
                 stream = prefetcher.announce(name, [_paths(o) for o in orders])

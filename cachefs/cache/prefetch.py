@@ -246,7 +246,11 @@ class Prefetcher:
                 chunk = names[start:start + RESOLVE_CHUNK]
                 slow: list[int] = []
                 for i, path in enumerate(chunk):
-                    rec = self.meta.resolve(path)
+                    try:
+                        rec = self.meta.resolve(path)
+                    except UnicodeError:  # not a name any key can have (a lone surrogate)
+                        chunk[i] = ""
+                        rec = None
                     if rec is not None and not rec.is_dir:
                         order.inos[start + i] = rec.ino
                     else:
@@ -276,6 +280,8 @@ class Prefetcher:
         """The inode of a file path relative to the mount, listing directories on the way that
         were never listed (0: not in the bucket, or a directory)."""
         rec = self.meta.get(ROOT_INODE)
+        if not path:
+            return 0
         for part in (p for p in path.split("/") if p):
             if rec is None or not rec.is_dir:
                 return 0

@@ -269,6 +269,23 @@ def test_sampler_wrapper_announces_what_it_yields(s3_bucket: Bucket, tmp_path: P
         for i in epoch1:
             read_dropping_pages(m.path / paths[i])
         assert m.gets() == before
+        # Bad input: one clear error, the daemon goes on.
+        from cachefs import control
+        from cachefs.errors import CachefsError
+
+        for bad in ({"cmd": "order", "orders": "s/f000"}, {"cmd": "order", "orders": [[1, 2]]},
+                    {"cmd": "order", "stream": "x" * 201, "orders": [["s/f000"]]}):
+            with pytest.raises(CachefsError):
+                control.request(str(m.path), bad)
+        reply = client.announce(m.path, ["s/\ud800", "s/f001", "../s/f002", ""], stream="odd")
+        assert reply["items"] == [4]
+        wait_for(lambda: client.status(m.path)["orders"]["odd"]["resolved"] == 4)
+        assert client.status(m.path)["orders"]["odd"]["missing"] == 3
+        client.forget(m.path, "odd")
+        listing = tmp_path / "list.txt"
+        listing.write_text("s/f000\n")
+        res = cachefs("prefetch", str(m.path), "--from-list", str(listing), "--shard", "0/2", env=m.env)
+        assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
         # Not a cachefs mount: training goes on, the wrapper only logs.
         lost = client.OrderedSampler(FakeRandomSampler(3), ["a", "b", "c"], tmp_path)
         assert sorted(lost) == [0, 1, 2]
