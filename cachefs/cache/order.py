@@ -249,14 +249,15 @@ class Planner:
 
     def admit(self, ino: int, full: bool) -> bool:
         """May a block of ``ino``, just read, take room from what is cached? Always if there is
-        room, or if no announced item is cached (the policy decides, as without orders); else
-        only if it is read again sooner than the cached announced item read latest (Belady,
-        with bypass). So unannounced data never pushes announced data out."""
+        room, if no announced item is cached (the policy decides, as without orders), or if a
+        cached announced item is read by no stream again (a finished job's); else only if it
+        is read again sooner than the cached announced item read latest (Belady, with bypass).
+        So unannounced data never pushes out announced data that is still to be read."""
         if not full:
             return True
         far = self.farthest()
-        if far is None:
-            return True
+        if far is None or far == float("inf"):
+            return True  # room can come from what is not announced, or is read by no one again
         d = self.distance(ino)
         return d is not None and d < far
 

@@ -74,6 +74,17 @@ def test_reader_position_follows_near_order_reads_only() -> None:
     assert (len(stream.orders), stream.pos - stream.base) == (1, 1)
 
 
+def test_a_finished_order_makes_room_for_anything() -> None:
+    held = {1, 2, 3}
+    planner = Planner(held.__contains__)
+    planner.announce("job", [order_of([1, 2, 3])])
+    assert not planner.admit(99, full=True)  # 1, 2, 3 are still to be read: 99 is not announced
+    for ino in (1, 2, 3):
+        planner.on_read(ino, hit=True)
+    assert planner.admit(99, full=True)  # read by no one again: they may go
+    assert planner.next_victim() in {1, 2, 3}
+
+
 def test_orders_are_compact() -> None:
     n = 1_000_000
     o = order_of(list(range(1, n + 1)))
