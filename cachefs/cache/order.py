@@ -141,14 +141,20 @@ class Stream:
         return int(loc[0].inos[loc[1]])
 
     def find(self, ino: int, lo: int, hi: int) -> int | None:
-        """The first absolute position in [lo, hi) holding ``ino`` (a linear search, C speed)."""
+        """The first absolute position in [lo, hi) holding ``ino``: a bisection of the index, or a
+        linear search (C speed) of an order still being resolved."""
         start = self.base
         for o in self.orders:
             if hi <= start:
                 break
-            q = o.find(ino, lo - start, hi - start)
-            if q is not None:
-                return start + q
+            if lo < start + len(o):
+                if o.index:
+                    q = o.next_at(ino, lo - start)
+                    q = q if q is not None and q < hi - start else None
+                else:
+                    q = o.find(ino, lo - start, hi - start)
+                if q is not None:
+                    return start + q
             start += len(o)
         return None
 
