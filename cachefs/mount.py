@@ -171,6 +171,8 @@ class Daemon:
         prepare_cache_dir(cfg.cache_dir)
         ns_dir = os.path.join(cfg.cache_dir, self.source.namespace(cfg.endpoint_url))
         os.makedirs(ns_dir, mode=0o700, exist_ok=True)
+        if cfg.control_socket is not None:
+            control_socket_path(ns_dir, cfg.control_socket)  # a bad path fails before the backend is asked
         lock_fd = lock_namespace(ns_dir)
         try:
             await self._run_locked(ns_dir, on_ready)
