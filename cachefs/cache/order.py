@@ -44,7 +44,7 @@ SLACK = 256  # a read this many items behind the reader's position still belongs
 JUMP_MIN = 1024  # a read up to max(2 x window, this) items ahead of the position moves it there
 RATE_INTERVAL = 0.5  # seconds between two samples of a reader's rate
 RATE_SMOOTHING = 0.3  # weight of the newest sample in the moving average
-SCAN_BUDGET = 20_000  # order positions a victim search looks at before giving up for now
+SCAN_BUDGET = 4096  # order positions a victim search looks at before giving up for now (~10 ms)
 
 
 class Order:

@@ -342,7 +342,12 @@ class Prefetcher:
                 stream.issued = max(stream.issued, stream.pos)
                 target = stream.pos + stream.window
                 state = "caught up"
+                looked = 0
                 while stream.issued < stream.end:
+                    looked += 1
+                    if looked % COUNT_CHECKPOINT == 0:
+                        await trio.sleep(0)  # a long run of cached items: let FUSE requests in
+                        continue
                     q = stream.issued
                     if q >= stream.resolved_end:
                         state = "resolving"
