@@ -114,7 +114,10 @@ async def _handle(stream: trio.SocketStream, *, handler: Handler, group: int | N
                 break
             buf += chunk
         try:
-            reply = await handler(json.loads(buf))
+            # An announced order of a million paths is tens of MB of JSON: parse it off the
+            # event loop, so FUSE requests are answered meanwhile.
+            req = json.loads(buf) if len(buf) < 1 << 20 else await trio.to_thread.run_sync(json.loads, bytes(buf))
+            reply = await handler(req)
         except Exception as exc:
             log.warning("control request failed: %s", exc)
             reply = {"error": str(exc)}

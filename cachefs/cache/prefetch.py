@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 COUNT_CHECKPOINT = 1000  # files counted between two yields to the event loop
 QUEUE_DEPTH = 1024  # blocks handed to workers ahead of time; bounds memory, not the dataset
-RESOLVE_CHUNK = 2048  # paths of an order resolved between two yields to the event loop
+RESOLVE_CHUNK = 2048  # paths of an order resolved (and listed) as a group
+SLICE = 0.005  # seconds of resolving or walking an order between two yields to the event loop
 RESOLVE_LISTINGS = 32  # paths whose directory must be listed first, resolved at once
 LEAD_SECONDS = 2.0  # an announced order is fetched this much reading time ahead (plus latency)
 LATENCY_SMOOTHING = 0.1  # weight of the newest fetch time in the moving average
@@ -245,7 +246,11 @@ class Prefetcher:
             for start in range(0, len(names), RESOLVE_CHUNK):
                 chunk = names[start:start + RESOLVE_CHUNK]
                 slow: list[int] = []
+                since = time.monotonic()
                 for i, path in enumerate(chunk):
+                    if time.monotonic() - since > SLICE:
+                        await trio.sleep(0)  # a FUSE request waits for one slice at most
+                        since = time.monotonic()
                     try:
                         rec = self.meta.resolve(path)
                     except UnicodeError:  # not a name any key can have (a lone surrogate)
@@ -342,11 +347,11 @@ class Prefetcher:
                 stream.issued = max(stream.issued, stream.pos)
                 target = stream.pos + stream.window
                 state = "caught up"
-                looked = 0
+                since = time.monotonic()
                 while stream.issued < stream.end:
-                    looked += 1
-                    if looked % COUNT_CHECKPOINT == 0:
+                    if time.monotonic() - since > SLICE:
                         await trio.sleep(0)  # a long run of cached items: let FUSE requests in
+                        since = time.monotonic()
                         continue
                     q = stream.issued
                     if q >= stream.resolved_end:
