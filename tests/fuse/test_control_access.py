@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,11 +55,12 @@ def as_trainer(mnt: Path, groups: list[int], request: str) -> dict[str, object]:
 
 
 @pytest.fixture
-def shared_dir() -> Path:
+def shared_dir() -> Iterator[Path]:
     """A directory other users may traverse (pytest's tmp_path is root's, 0700)."""
     path = Path(tempfile.mkdtemp(prefix="cachefs-access-"))
     path.chmod(0o755)
-    return path
+    yield path
+    shutil.rmtree(path, ignore_errors=True)  # after the mounts in it are gone
 
 
 def test_control_socket_default_is_root_and_owner_only(s3_bucket: Bucket, shared_dir: Path, tmp_path: Path) -> None:
