@@ -224,18 +224,33 @@ def _progress_line(p: dict[str, Any]) -> str:
             f"{_human(rate)}/s  ETA {eta:.0f}s" + (f"  (failed: {p['files_failed']})" if p["files_failed"] else ""))
 
 
+def _parse_shard(text: str) -> tuple[int, int]:
+    rank, sep, world = text.partition("/")
+    if not (sep and rank.isdigit() and world.isdigit() and 0 <= int(rank) < int(world)):
+        raise UsageError(f"--shard {text!r}: expected RANK/WORLD with 0 <= RANK < WORLD, e.g. 0/4")
+    return int(rank), int(world)
+
+
 def cmd_prefetch(args: argparse.Namespace) -> int:
     mnt = os.path.abspath(args.mountpoint)
     paths = [_relative(mnt, p) for p in args.paths]
-    ordered = False
     if args.from_list:
+        if paths or args.shard:
+            raise UsageError("--from-list takes no PATHs and no --shard (announce each rank's own list)")
         try:
             with open(args.from_list, encoding="utf-8", errors="surrogateescape") as f:
-                paths += [_relative(mnt, line.rstrip("\n")) for line in f if line.strip()]
+                paths = [_relative(mnt, line.rstrip("\n")) for line in f if line.strip()]
         except OSError as exc:
             raise UsageError(f"cannot read {args.from_list}: {exc.strerror}") from None
-        ordered = True
-    control.request(mnt, {"cmd": "prefetch", "paths": paths or [""], "ordered": ordered})
+        control.request(mnt, {"cmd": "order", "stream": args.stream, "orders": [paths]})
+        if args.wait:
+            return _wait_order(mnt, args.stream)
+        print(f"cachefs: order announced ({len(paths)} files, stream {args.stream!r})", file=sys.stderr)
+        return 0
+    req: dict[str, Any] = {"cmd": "prefetch", "paths": paths or [""]}
+    if args.shard:
+        req["shard"] = list(_parse_shard(args.shard))
+    control.request(mnt, req)
     if not args.wait:
         print(f"cachefs: prefetch queued ({len(paths) or 1} paths)", file=sys.stderr)
         return 0
@@ -254,6 +269,27 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     if st["stopped_full"]:
         print("cachefs: the cache is full; prefetch stopped", file=sys.stderr)
     return 1 if st["files_failed"] else 0
+
+
+def _wait_order(mnt: str, stream: str) -> int:
+    """Until the stream's order is resolved and fetched as far as the daemon goes before the
+    reader moves (the end, the window in a full cache)."""
+    while True:
+        st = control.request(mnt, {"cmd": "status"})["orders"].get(stream)
+        if st is None:
+            raise CachefsError(f"the order of stream {stream!r} was replaced or forgotten")
+        if st["resolved"] >= st["epoch_items"] and st["state"] in ("caught up", "cache full",
+                                                                  "waiting for the reader"):
+            break
+        time.sleep(0.2)
+    print(f"cachefs: order of stream {stream!r}: {_order_line(st)}")
+    return 0
+
+
+def _order_line(o: dict[str, Any]) -> str:
+    return (f"at {o['position']}/{o['epoch_items']} of epoch ({o['epochs_announced']} announced), "
+            f"{o['lead']} items fetched ahead (window {o['window']}), {o['read_rate']:.0f} items/s, "
+            f"{o['state']}" + (f", {o['missing']} not in the bucket" if o["missing"] else ""))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -284,6 +320,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if p["files_total"]:
         state = "running" if p["running"] else "done"
         print(f"prefetch:   {state}: {_progress_line(p)}")
+    for name, o in st.get("orders", {}).items():
+        print(f"order:      {name}: {_order_line(o)}")
     w = st.get("writes")
     if w is not None:
         print(f"writes:     {len(w['pending'])} file(s) not uploaded yet ({_human(w['staged_bytes'])} staged), "
@@ -338,7 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("paths", nargs="*", help="files or directories in the mount (default: everything)")
     p.add_argument("--from-list", metavar="FILE",
-                   help="prefetch the paths in FILE (one per line) in exactly that order")
+                   help="announce FILE (one path per line) as the order in which the files will be "
+                        "read: the daemon fetches it a window ahead of the reader and keeps what is "
+                        "read soonest")
+    p.add_argument("--stream", default="default",
+                   help="with --from-list: the reader this order belongs to (one per rank of a job "
+                        "on the node; default: default); announcing again replaces its order")
+    p.add_argument("--shard", metavar="RANK/WORLD",
+                   help="bulk prefetch of this node's share only: a file belongs to rank "
+                        "crc32(its path in the mount) %% WORLD")
     p.add_argument("--wait", action="store_true", help="show progress and return when done")
     p.add_argument("--no-progress", action="store_true", help="with --wait: no progress bar")
     p.set_defaults(func=cmd_prefetch)

@@ -220,6 +220,12 @@ OPTIONS: list[Option] = [
     Option("dir-mode", parse_mode, None,
            "permission bits shown for directories (default: 0555, 0755 with --read-write)", metavar="OCTAL"),
     Option("noexec", parse_bool, False, "files in the mount cannot be executed", flag=True),
+    Option("control-group", parse_uint, None,
+           "members of this group (and root, and the daemon's user) may use the control socket: "
+           "cachefs prefetch/status and cachefs.client from a non-root trainer", metavar="GID"),
+    Option("control-socket", str, None,
+           "put the control socket here (e.g. beside the mountpoint on a path the trainer's pod "
+           "shares) instead of in the cache dir", metavar="PATH"),
     Option("read-write", parse_bool, False,
            "allow writes: files are staged in the cache dir and uploaded at close/fsync", flag=True),
     Option("writeback-interval", parse_duration, 30.0,

@@ -1,8 +1,15 @@
-"""The control socket: how ``cachefs prefetch`` and ``cachefs status`` talk to a daemon.
+"""The control socket: how ``cachefs prefetch``, ``cachefs status`` and ``cachefs.client`` talk
+to a daemon.
 
-A Unix stream socket (mode 0600) in the cache namespace; the mount's root directory names it in
-the extended attribute ``user.cachefs.control``, so a client needs only the mountpoint. One JSON
-request per connection, one JSON reply.
+A Unix stream socket in the cache namespace (or at ``--control-socket PATH``); the mount's root
+directory names it in the extended attribute ``user.cachefs.control``, so a client needs only
+the mountpoint. One JSON request per connection, one JSON reply.
+
+Who may use it (checked twice: by the socket file's mode, and per connection by the peer's
+credentials, ``SO_PEERCRED``): root and the daemon's own user; with ``--control-group GID``
+also every process whose primary or supplementary group is GID (a non-root trainer in a pod
+gets it with ``securityContext.supplementalGroups``). The socket is then mode 0660, group GID,
+and a directory made for it is 0710, group GID; without it, 0600 in a 0700 directory.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import json
 import logging
 import os
 import socket
+import struct
+import tempfile
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -30,7 +39,41 @@ MAX_REQUEST = 256 << 20  # a --from-list of a few million paths
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-async def serve(path: str, handler: Handler, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+_UCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+def private_dir(group: int | None) -> str:
+    """A fresh directory for a socket under the temporary directory: 0700, or 0710 with group
+    ``group`` (members may reach the socket in it, not list it)."""
+    path = tempfile.mkdtemp(prefix="cachefs-")
+    if group is not None:
+        os.chown(path, -1, group)
+        os.chmod(path, 0o710)
+    return path
+
+
+def peer_allowed(uid: int, gid: int, pid: int, group: int | None) -> bool:
+    """The access rule (see the module docstring)."""
+    if uid in (0, os.geteuid()):
+        return True
+    if group is None:
+        return False
+    return gid == group or group in _groups_of(pid)
+
+
+def _groups_of(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
+async def serve(path: str, handler: Handler, *, group: int | None = None,
+                task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     if os.path.exists(path):
         os.unlink(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -39,18 +82,31 @@ async def serve(path: str, handler: Handler, *, task_status: Any = trio.TASK_STA
         await sock.bind(path)
     finally:
         os.umask(old)
+    if group is not None:
+        os.chown(path, -1, group)
+        os.chmod(path, 0o660)
     sock.listen(16)
     listener = trio.SocketListener(sock)
     task_status.started()
     try:
-        await trio.serve_listeners(partial(_handle, handler=handler), [listener])
+        await trio.serve_listeners(partial(_handle, handler=handler, group=group), [listener])
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
 
 
-async def _handle(stream: trio.SocketStream, *, handler: Handler) -> None:
+async def _handle(stream: trio.SocketStream, *, handler: Handler, group: int | None = None) -> None:
     async with stream:
+        pid, uid, gid = _UCRED.unpack(stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                               _UCRED.size))
+        if not peer_allowed(uid, gid, pid, group):
+            log.warning("control request from uid %d (pid %d) refused: not root, not uid %d%s", uid, pid,
+                        os.geteuid(), f", not in group {group}" if group is not None else "")
+            reply = {"error": "permission denied: the control socket of this mount is for root, its "
+                              "daemon's user" + (f" and group {group}" if group is not None else "")}
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+            return
         buf = bytearray()
         while not buf.endswith(b"\n") and len(buf) < MAX_REQUEST:
             chunk = await stream.receive_some(1 << 20)
@@ -58,7 +114,10 @@ async def _handle(stream: trio.SocketStream, *, handler: Handler) -> None:
                 break
             buf += chunk
         try:
-            reply = await handler(json.loads(buf))
+            # An announced order of a million paths is tens of MB of JSON: parse it off the
+            # event loop, so FUSE requests are answered meanwhile.
+            req = json.loads(buf) if len(buf) < 1 << 20 else await trio.to_thread.run_sync(json.loads, bytes(buf))
+            reply = await handler(req)
         except Exception as exc:
             log.warning("control request failed: %s", exc)
             reply = {"error": str(exc)}

@@ -28,6 +28,7 @@ FETCH_SOURCES = ("tier", "origin")  # where a block download came from (the tier
 # credentials, failed otherwise, or was being skipped after a timeout, unreachable or denied.
 TIER_FALLBACKS = ("missing", "stale", "timeout", "unreachable", "denied", "error", "backoff")
 PREFETCH_STATES = ("queued", "done", "failed")
+ORDER_OUTCOMES = ("ahead", "waited")
 
 # Backend latency: loopback answers in ~1 ms, cloud object stores in 10-100 ms, throttled or
 # retried requests take seconds.
@@ -76,6 +77,10 @@ prefetch_objects = Counter("cachefs_prefetch_objects", "Objects through the pref
 prefetch_bytes = Counter("cachefs_prefetch_bytes", "Bytes through the prefetcher", ["state"])
 prefetch_pending = Gauge("cachefs_prefetch_pending_objects",
                          "Objects queued for prefetch and not yet done")
+order_items = Counter("cachefs_order_items", "Items announced in read orders (every epoch counts)")
+order_reads = Counter("cachefs_order_reads", "Reads of announced items: cached ahead of the reader "
+                      "in time, or the reader waited for the backend", ["outcome"])
+order_lead = Gauge("cachefs_order_lead_items", "Announced items fetched ahead of their readers")
 write_bytes = Counter("cachefs_write_bytes", "Bytes written to files through the mount")
 upload_bytes = Counter("cachefs_upload_bytes", "Bytes uploaded to the object store (PUTs and parts)")
 uploads_in_flight = Gauge("cachefs_uploads_in_flight", "PUTs and part uploads in progress")
@@ -107,6 +112,8 @@ def _precreate() -> None:
         fuse_duration.labels(op)
     for code in UPLOAD_ERRNOS:
         upload_failures.labels(code)
+    for outcome in ORDER_OUTCOMES:
+        order_reads.labels(outcome)
     for state in PREFETCH_STATES:
         prefetch_objects.labels(state)
         prefetch_bytes.labels(state)

@@ -18,10 +18,12 @@ import errno
 import logging
 import os
 import signal
+import stat
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import lmdb
@@ -130,14 +132,24 @@ def cache_capacity(cache_dir: str, size: int | Fraction) -> int:
     return capacity
 
 
-def control_socket_path(ns_dir: str) -> str:
-    """The control socket: in the namespace, or, when that path is too long for a socket name,
-    in a fresh private directory (0700, unpredictable name) under the temporary directory.
-    Clients find it through the mount's ``user.cachefs.control`` attribute."""
-    path = os.path.join(ns_dir, "control.sock")
-    if len(path.encode()) < 100:  # sun_path holds 108 bytes
-        return path
-    return os.path.join(tempfile.mkdtemp(prefix="cachefs-"), "control.sock")
+def control_socket_path(ns_dir: str, path: str | None = None, group: int | None = None) -> str:
+    """The control socket: at ``path`` (``--control-socket``) if given; else in the namespace,
+    unless that path is too long for a socket name or ``--control-group`` needs a directory the
+    group can reach (the cache dir is 0700): then in a fresh private directory (unpredictable
+    name) under the temporary directory. Clients find it through the mount's
+    ``user.cachefs.control`` attribute."""
+    if path is not None:
+        if len(path.encode()) >= 108:
+            raise MountError(f"--control-socket {path}: longer than a socket name may be (107 bytes)")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise MountError(f"--control-socket {path}: its directory does not exist")
+        if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise MountError(f"--control-socket {path}: exists and is not a socket")
+        return os.path.abspath(path)
+    inside = os.path.join(ns_dir, "control.sock")
+    if len(inside.encode()) < 100 and group is None:  # sun_path holds 108 bytes
+        return inside
+    return os.path.join(control.private_dir(group), "control.sock")
 
 
 class Daemon:
@@ -161,6 +173,8 @@ class Daemon:
             raise MountError(f"another cachefs daemon (pid {exc.pid}) is using cache namespace "
                              f"{os.path.join(cfg.cache_dir, name)} {why}") from None
         try:
+            if cfg.control_socket is not None:
+                control_socket_path(ns_dir, cfg.control_socket)  # a bad path fails before the backend is asked
             await self._run_locked(ns_dir, on_ready)
         finally:
             os.close(lock_fd)
@@ -212,7 +226,8 @@ class Daemon:
         core, prefetcher, writer = layers.core, layers.prefetcher, layers.writer
         if writer is not None:
             writer.recover()
-        sock_path = control_socket_path(ns_dir)
+        sock_path = control_socket_path(ns_dir, cfg.control_socket, cfg.control_group)
+        made_dir = cfg.control_socket is None and not sock_path.startswith(ns_dir)
         ops = CachefsOperations(core, sock_path)
 
         # The source as the mount's device name (df, findmnt; `mount -a` finds an fstab line
@@ -252,10 +267,11 @@ class Daemon:
                 layers.lister.nursery = nursery
                 nursery.start_soon(self._fuse_main, nursery)
                 nursery.start_soon(self._signals, nursery)
-                await nursery.start(control.serve, sock_path, self._control_handler(core, prefetcher))
+                await nursery.start(prefetcher.run)
+                await nursery.start(partial(control.serve, sock_path, self._control_handler(core, prefetcher),
+                                            group=cfg.control_group))
                 if writer is not None:
                     await nursery.start(writer.run)
-                nursery.start_soon(prefetcher.run)
                 nursery.start_soon(self._housekeeping, cache, meta, ns_dir)
                 if not checked:
                     nursery.start_soon(_check_index, meta)
@@ -272,7 +288,7 @@ class Daemon:
                 cache.flush_atimes()
             pyfuse3.close(unmount=True)
             meta.close()
-            if not sock_path.startswith(ns_dir):
+            if made_dir:
                 with contextlib.suppress(OSError):
                     os.rmdir(os.path.dirname(sock_path))
             with contextlib.suppress(Exception):
@@ -362,12 +378,25 @@ class Daemon:
             if cmd == "status":
                 return self.status(core, prefetcher)
             if cmd == "prefetch":
-                paths = [str(p) for p in req.get("paths") or [""]]
+                paths = _paths(req.get("paths") or [""])
+                if req.get("ordered"):  # --from-list: an announced order (the default stream)
+                    stream = prefetcher.announce("default", [paths])
+                    return {"queued": len(paths), "stream": stream.name}
                 try:
-                    prefetcher.submit(paths, ordered=bool(req.get("ordered")))
+                    prefetcher.submit(paths, shard=_shard(req.get("shard")))
                 except trio.WouldBlock:
                     return {"error": "too many prefetch jobs queued; try again later"}
                 return {"queued": len(paths)}
+            if cmd == "order":
+                name = req.get("stream") or "default"
+                orders = req.get("orders")
+                if not isinstance(name, str) or not 0 < len(name) <= 200 or not isinstance(orders, list):
+                    return {"error": "an order request needs 'stream' (a name of at most 200 characters) "
+                                     "and 'orders' (a list of lists of paths)"}
+                if not orders:
+                    return {"stream": name, "forgotten": prefetcher.forget(name)}
+                stream = prefetcher.announce(name, [_paths(o) for o in orders])
+                return {"stream": stream.name, "items": [len(o) for o in stream.orders]}
             return {"error": f"unknown command {cmd!r}"}
 
         return handle
@@ -411,6 +440,7 @@ class Daemon:
                         "retries": sum(sample("cachefs_backend_retries_total", operation=op)
                                        for op in metrics.BACKEND_OPERATIONS)},
             "prefetch": prefetcher.progress.as_dict(),
+            "orders": prefetcher.planner.status(),
             "writes": self._write_status(core),
             "tier": self._tier_status(core, sample),
         }
@@ -434,6 +464,22 @@ class Daemon:
         return {"pending": writer.pending(), "recovered": list(writer.recovered),
                 "staged_bytes": writer.staged_bytes,
                 "uploaded_bytes": metrics.upload_bytes._value.get()}
+
+
+def _paths(value: object) -> list[str]:
+    """Paths of a control request, relative to the mount root."""
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise ValueError("paths must be a list of strings")
+    return [p.strip("/") for p in value]
+
+
+def _shard(value: object) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) for v in value)
+            or not 0 <= value[0] < value[1]):
+        raise ValueError("shard must be [RANK, WORLD] with 0 <= RANK < WORLD")
+    return value[0], value[1]
 
 
 async def _open_index(ns_dir: str) -> tuple[MetadataStore, bool]:

@@ -78,3 +78,40 @@ def test_bench_get_cpu_smoke() -> None:
     for store, client in [("S3", "botocore"), ("S3", "ElementTree"), ("S3", "cachefs"), ("S3", "obstore"),
                           ("Azure", "sdk"), ("Azure", "cachefs"), ("Azure", "obstore")]:
         assert any(r[0] == store and r[2] == client for r in rows), (store, client, res.stdout)
+@pytest.mark.timeout(600)
+def test_bench_order_smoke(tmp_path: Path) -> None:
+    """bench/order.py at a tiny size: both setups and both scenarios run through real mounts,
+    every byte read is checked (the script exits nonzero otherwise), and the table is written."""
+    out = tmp_path / "RESULTS.md"
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "order.py"), "--files", "120", "--classes", "10",
+                          "--mean-kb", "20", "--rounds", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=540)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = out.read_text()
+    assert report.count("## Announced order: cold epoch vs --prefetch") == 1
+    for row in ("| whole dataset, 1 node | --prefetch | 120 |", "| whole dataset, 1 node | announced | 120 |",
+                "| rank 0 of 4 nodes | --prefetch | 30 |", "| rank 0 of 4 nodes | announced | 30 |"):
+        assert row in report
+    assert "| rank 0 of 4 nodes | announced | 30 |" in report and report.count("x** |") == 2
+    with open("/proc/mounts") as f:
+        assert "cachefs-bench-order-" not in f.read()
+
+
+@pytest.mark.timeout(600)
+def test_bench_train_smoke(tmp_path: Path) -> None:
+    """bench/train.py at smoke size: real JPEGs through the multiprocessing loader from the local
+    disk, the HDF5 repack and two cachefs mounts; a row per setup and epoch, and the plot."""
+    out = tmp_path / "RESULTS.md"
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "train.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=540)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = out.read_text()
+    for setup in ("local disk", "HDF5 repack (local disk)", "cachefs", "cachefs, order announced"):
+        row = re.search(rf"^\| {re.escape(setup)} \| (\d+), (\d+)% \| (\d+), (\d+)% \|$", report, re.MULTILINE)
+        assert row is not None, setup
+        assert all(int(row.group(i)) > 0 for i in (1, 3)) and all(int(row.group(i)) <= 100 for i in (2, 4))
+    assert "order announced / the HDF5 repack on local disk: epoch 1" in report
+    png = tmp_path / "train.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open("/proc/mounts") as f:
+        assert "cachefs-bench-train-" not in f.read()

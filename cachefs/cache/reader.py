@@ -81,11 +81,14 @@ class BlockReader:
     async def read(self, ref: BlockRef, key: str, lo: int, length: int, *, count: bool) -> bytes:
         """Bytes [lo, lo+length) of one block from the fastest tier that has it. ``count``: this
         is the first read of the block by this open file (counted as a hit or a miss)."""
+        planner = self.cache.planner
         recent = self._recent.get((ref.ino, ref.block, ref.etag))
         if recent is not None:
             self._recent.move_to_end((ref.ino, ref.block, ref.etag))
             if count:
                 metrics.cache_hits.inc()
+                if planner is not None and ref.block == 0:
+                    planner.on_read(ref.ino, hit=True)
             metrics.read_bytes.labels("cache").inc(length)
             return recent[lo:lo + length]
         path = self.cache.lookup(ref)
@@ -94,11 +97,18 @@ class BlockReader:
             if data is not None and len(data) == length:
                 if count:
                     metrics.cache_hits.inc()
+                    if planner is not None and ref.block == 0:
+                        planner.on_read(ref.ino, hit=True)
                 metrics.read_bytes.labels("cache").inc(length)
                 return data
         if count:
             metrics.cache_misses.inc()
-        data = await self.fetch(ref, key, evict=True)
+            if planner is not None and ref.block == 0:
+                planner.on_read(ref.ino, hit=False)
+        evict = True
+        if planner is not None and planner.active:  # Belady with bypass: see cache.order
+            evict = planner.admit(ref.ino, full=self.cache.over_high(ref.size))
+        data = await self.fetch(ref, key, evict=evict)
         metrics.read_bytes.labels("backend").inc(length)
         return data[lo:lo + length]
 

@@ -13,6 +13,12 @@ Admission and eviction (``--cache-policy``):
   any cache can do for a random order — instead of LRU's near-zero; and a node that moves on to
   another dataset still ages the old one out.
 - ``lru``: evict the least recently used entries.
+- An announced read order (``cache.order``), whatever the policy: while one is known, the
+  evictor first takes blocks of files no stream reads again, then of the file read latest
+  (Belady's rule over the known future), and frees only from ``PLAN_HIGH`` down to ``PLAN_LOW``
+  of the capacity, so that what it gives up is what the optimum would give up next. What no
+  order mentions keeps the policy above (``stable``: evicted once idle), and it is not admitted
+  at the expense of announced data.
 
 Eviction runs in the background (``run``, a service the daemon starts), never inside a read:
 when admissions that may evict take ``used`` past ``HIGH_WATERMARK`` of the capacity, the evictor
@@ -84,6 +90,7 @@ from ..metadata.store import (
     unpack_block,
     unpack_block_key,
 )
+from .order import Planner
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +109,8 @@ DELETE_BATCH = 128  # entries deleted (and files unlinked) per hold of the lock 
 SWEEPS_PER_ROUND = 2  # whole walks of the index one eviction round makes at most
 URGENT_BOOST = 8  # data written through the mount waits: each chunk gives up 8x its share, so
 #                   a round frees what is needed in an eighth of a walk (LRU a little coarser)
+PLAN_HIGH = 0.99  # with an announced order: evict from 99% of capacity
+PLAN_LOW = 0.98  # down to 98% (a victim chosen from the known future is the right one, not a sample)
 LRU_RETRY = 1.0  # seconds before another LRU round when the last one could free nothing
 USED_KEY = b"cache_bytes"  # LMDB meta table: bytes named by block entries (u64 BE)
 
@@ -160,6 +169,7 @@ class DataCache:
         self._urgent = 0  # waiting reserve()s that evict whatever the policy
         self._cursor = b""  # block key where the next walk of the index starts
         self._nothing_until = 0.0  # a round found nothing to evict: misses do not wake it till then
+        self.planner: Planner | None = None  # announced read orders (set by the prefetcher)
         os.makedirs(os.path.join(root, "data"), mode=0o700, exist_ok=True)
         self._indexed = self._load_total()
         metrics.cache_capacity.set(capacity)
@@ -169,6 +179,23 @@ class DataCache:
     def used(self) -> int:
         """Bytes cached plus bytes reserved (downloads in flight, data written and staged)."""
         return self._indexed + self._reserved
+
+    @property
+    def planned(self) -> bool:
+        """An announced order decides what is evicted."""
+        return self.planner is not None and self.planner.active
+
+    @property
+    def high(self) -> float:
+        return PLAN_HIGH if self.planned else HIGH_WATERMARK
+
+    @property
+    def low(self) -> float:
+        return PLAN_LOW if self.planned else LOW_WATERMARK
+
+    def over_high(self, size: int) -> bool:
+        """Would ``size`` more bytes take the cache past the level where eviction starts?"""
+        return self.used + size > self.capacity * self.high
 
     @property
     def full(self) -> bool:
@@ -350,6 +377,13 @@ class DataCache:
         self._atimes[key] = time.time()
         return self.path(ref.ino, ref.block, ref.etag)
 
+    def holds(self, ino: int) -> bool:
+        """Whether any block of ``ino`` is cached (any version)."""
+        prefix = block_key(ino, 0)[:8]
+        with self.meta.env.begin() as txn:
+            cur = txn.cursor(db=self.meta.blocks)
+            return bool(cur.set_range(prefix)) and bytes(cur.key()).startswith(prefix)
+
     def contains(self, ref: BlockRef) -> bool:
         with self.meta.env.begin() as txn:
             raw = txn.get(block_key(ref.ino, ref.block), db=self.meta.blocks)
@@ -378,7 +412,7 @@ class DataCache:
         evictor and waits for it briefly; ``urgent`` (data written through the mount) evicts the
         least recently used cached data whatever the policy, and waits longer."""
         _TICKET.set(None)
-        if evict and self.used + size > self.capacity * HIGH_WATERMARK:
+        if evict and self.over_high(size):
             self._kick(urgent)
         if self.used + size > self.capacity and not (evict and await self._wait_for_room(size, urgent)):
             metrics.cache_rejected.inc()
@@ -694,7 +728,7 @@ class DataCache:
             self._notify()
 
     def _kick(self, urgent: bool) -> None:
-        if self._running and (urgent or time.monotonic() >= self._nothing_until):
+        if self._running and (urgent or self.planned or time.monotonic() >= self._nothing_until):
             self._wake.set()
 
     def _notify(self) -> None:
@@ -705,7 +739,7 @@ class DataCache:
         """Wait for the evictor to make room for ``size`` bytes: True if it did in time."""
         if not self._running or size > self.capacity:
             return False
-        if not urgent and time.monotonic() < self._nothing_until:
+        if not urgent and not self.planned and time.monotonic() < self._nothing_until:
             return False  # nothing could be evicted a moment ago: do not wait for a walk to say so
         first = self._rounds_started + 1  # the first round to start from now on sees the request
         self._demand += size
@@ -726,10 +760,14 @@ class DataCache:
     async def _evict_round(self) -> None:
         urgent = self._urgent > 0
         lru = urgent or self.policy == "lru"
-        if not urgent and time.monotonic() < self._nothing_until:
+        amount = self.used + self._demand - int(self.capacity * self.low)
+        if amount <= 0 or (not self._demand and self.used <= self.capacity * self.high):
             return
-        amount = self.used + self._demand - int(self.capacity * LOW_WATERMARK)
-        if amount <= 0 or (not self._demand and self.used <= self.capacity * HIGH_WATERMARK):
+        if self.planned:
+            amount -= await self._evict_planned(amount)
+            if amount <= 0:
+                return
+        if not urgent and time.monotonic() < self._nothing_until:
             return
         while self.flush_atimes(limit=ATIME_BATCH):
             await trio.sleep(0)
@@ -746,6 +784,30 @@ class DataCache:
             # may go. Walking the index again for every miss would cost O(entries) each; look
             # again in a while.
             self._nothing_until = time.monotonic() + (IDLE_RESCAN if cutoff is not None else LRU_RETRY)
+
+    async def _evict_planned(self, amount: int) -> int:
+        """Free up to ``amount`` bytes from the blocks of announced files, in the order the
+        planner gives (read by no stream again, then read latest). Returns the bytes freed."""
+        freed = 0
+        while freed < amount and self.planner is not None:
+            victims: list[_Entry] = []
+            size = 0
+            while size < amount - freed and len(victims) < DELETE_BATCH:
+                ino = self.planner.next_victim()
+                if ino is None:
+                    break
+                with self.meta.env.begin() as txn:
+                    entries = self._entries_of(ino, txn)
+                victims += entries
+                size += sum(e[2] for e in entries)
+            if not victims:
+                break
+            gone, n = await trio.to_thread.run_sync(self._delete_victims, victims, time.time())
+            freed += gone
+            metrics.cache_evictions.inc(n)
+            metrics.cache_used.set(self.used)
+            self._notify()
+        return freed
 
     async def _sweep(self, amount: int, share: float, cutoff: float | None) -> int:
         """One walk around the index from the cursor, stopping once ``amount`` bytes are freed.
