@@ -21,7 +21,8 @@ def test_every_cachefs_option_is_accepted_as_o_name_value() -> None:
     samples = {"cache_size": "200G", "cache_policy": "lru", "uid": "7", "gid": "8", "file_mode": "0440",
                "dir_mode": "0550", "log_level": "debug", "log_format": "json", "metrics_addr": "9100",
                "backend_timeout": "5", "prefetch_concurrency": "4", "rename_dir_limit": "3",
-               "cache_idle_evict": "1h", "reclaim_after": "1d", "metadata_ttl": "0", "writeback_interval": "0"}
+               "cache_idle_evict": "1h", "reclaim_after": "1d", "metadata_ttl": "0", "writeback_interval": "0",
+               "tier_endpoint_url": "http://tier:8333", "tier_timeout": "3", "control_group": "4242"}
     for opt in config.OPTIONS:
         if opt.flag:
             want = [] if opt.key == "read_write" else [f"--{opt.name}"]
