@@ -28,6 +28,11 @@ GETs: every request with an ``If-Match`` header is answered ``501 Not Implemente
 credentials: a request it returns False for is answered ``403 AccessDenied`` (counted in
 ``stats.denied``); ``cachefs.testing.iam`` has one for IBM IAM bearer tokens.
 
+``http=False`` makes it a plain TCP relay for a server speaking TLS (whose requests it cannot
+read): latency and ``stats.bytes_down`` (TLS records, a percent or so above the payload) still
+apply; ``stats.requests``, faults other than ``outage``, ``refuse_if_match`` and ``authorize`` do
+not.
+
 ``inject`` also takes a tuple of kinds (not ``outage``): each faulted request then gets one of
 them at random, e.g. ``inject(("error", "reset", "cut"), rate=0.1)``. ``stats`` counts
 connections, requests, bytes sent by the server (``bytes_down``) and faults per kind, and keeps
@@ -124,8 +129,9 @@ class LatencyProxy:
     """
 
     def __init__(self, target: tuple[str, int], latency: float = 0.0, listen: tuple[str, int] = ("127.0.0.1", 0),
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, http: bool = True) -> None:
         self.target = target
+        self.http = http  # parse requests (False: relay the bytes as they come, e.g. TLS)
         self.latency = latency
         #: answer every request with an If-Match header "501 Not Implemented", as a store
         #: without conditional GETs does (not a fault: a property of the store)
@@ -404,7 +410,7 @@ class _Connection:
         to_server = self.to_server
         head = bytearray()
         body_left = 0
-        opaque = False  # not parseable (chunked body, huge head): forward as is
+        opaque = not self.proxy.http  # not parseable (TLS, chunked body, huge head): forward as is
         while True:
             data = await client.receive_some(CHUNK)
             if not data:

@@ -13,9 +13,9 @@ upload) and on exit stops the server's whole process group and removes its tempo
   ``--tier-endpoint-url``;
 - ``azurite_server()`` Azurite's blob service (npm, installed by ``install.sh --test`` into
   ``.venv/azurite``; ``CACHEFS_AZURITE`` may name the ``azurite-blob`` script instead);
-  ``azurite_server(oauth=True)`` serves HTTPS with a certificate of a test CA (its file in
-  ``ca_file`` and as ``REQUESTS_CA_BUNDLE`` in ``env``) and also takes bearer tokens (see
-  ``identity.py``).
+  ``azurite_server(https=True)`` serves HTTPS with a certificate of a test CA (its file in
+  ``ca_file`` and as ``REQUESTS_CA_BUNDLE`` in ``env``); ``azurite_server(oauth=True)`` does too
+  and also takes bearer tokens (see ``identity.py``).
 
 Servers run under ``lifeline`` so they also stop when the process that started them is killed.
 Their output goes to ``server.log`` in their temporary directory; a server that does not come up
@@ -225,15 +225,16 @@ class _PortClash(ServerError):
 
 
 @contextlib.contextmanager
-def _running(server: Server, cmd: list[str], ready: Callable[[], None]) -> Iterator[Server]:
-    """Run ``cmd`` (under lifeline, in a new process group) until the block ends; ``ready`` is
-    retried until it stops raising."""
+def _running(server: Server, cmd: list[str], ready: Callable[[], None],
+             env: Mapping[str, str] | None = None) -> Iterator[Server]:
+    """Run ``cmd`` (under lifeline, in a new process group; ``env``: its environment, default
+    ours) until the block ends; ``ready`` is retried until it stops raising."""
     log = open(Path(server.workdir, "server.log"), "ab")  # noqa: SIM115 - closed in finally
     lifeline_r, lifeline_w = os.pipe()
     try:
         proc = subprocess.Popen([sys.executable, "-m", "cachefs.testing.lifeline", "--", *cmd],
                                 stdin=lifeline_r, stdout=log, stderr=subprocess.STDOUT, cwd=server.workdir,
-                                start_new_session=True)
+                                env=None if env is None else dict(env), start_new_session=True)
     except BaseException:
         os.close(lifeline_w)
         log.close()
@@ -430,6 +431,7 @@ class SeaweedTier:
     filer: str
     gateway: contextlib.ExitStack = field(repr=False)  # stops the filer and its S3 gateway
     volumes: list[contextlib.ExitStack] = field(repr=False)  # each stops one volume server
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)  # of every weed process
 
     @property
     def endpoint_url(self) -> str:
@@ -439,20 +441,28 @@ class SeaweedTier:
         """Run ``weed shell`` commands (one per line); their output. Raises ServerError if one
         reports an error."""
         proc = subprocess.run([weed_binary(), "shell", f"-master={self.master}", f"-filer={self.filer}"],
-                              input=script.encode(), capture_output=True, timeout=timeout)
+                              input=script.encode(), capture_output=True, timeout=timeout, env=self.env)
         out = (proc.stdout + proc.stderr).decode(errors="replace")
         if proc.returncode != 0 or "error:" in out.lower():
             raise ServerError(f"weed shell failed (status {proc.returncode}):\n{script}\n{out}")
         return out
 
     def mount_remote(self, bucket: str, origin: Server, endpoint_url: str | None = None) -> str:
-        """Remote-mount ``bucket`` of the S3 ``origin`` (reached at ``endpoint_url``, e.g. a
-        proxy; default its own endpoint) at /buckets/``bucket``: the tier's bucket of that name."""
-        return self.shell(
-            f"remote.configure -name=origin -type=s3 -s3.access_key={origin.env['AWS_ACCESS_KEY_ID']} "
-            f"-s3.secret_key={origin.env['AWS_SECRET_ACCESS_KEY']} -s3.region=us-east-1 "
-            f"-s3.endpoint={endpoint_url or origin.endpoint_url} -s3.force_path_style=true\n"
-            f"remote.mount -dir=/buckets/{bucket} -remote=origin/{bucket}\n")
+        """Remote-mount ``bucket`` (S3) or container (Azure) of ``origin`` (reached at
+        ``endpoint_url``, e.g. a proxy; default its own endpoint) at /buckets/``bucket``: the
+        tier's bucket of that name. An Azure origin must be HTTPS (SeaweedFS refuses to send an
+        account key over plain HTTP) with a CA the tier trusts (``seaweed_tier(trust=...)``)."""
+        endpoint = endpoint_url or origin.endpoint_url
+        if origin.kind == "azure":
+            conn = dict(part.split("=", 1) for part in origin.env["AZURE_STORAGE_CONNECTION_STRING"].split(";") if part)
+            # -azure.endpoint: the blob service URL; Azurite's carries the account in its path
+            configure = (f"remote.configure -name=origin -type=azure -azure.account_name={conn['AccountName']} "
+                         f"-azure.account_key={conn['AccountKey']} -azure.endpoint={endpoint}")
+        else:
+            configure = (f"remote.configure -name=origin -type=s3 -s3.access_key={origin.env['AWS_ACCESS_KEY_ID']} "
+                         f"-s3.secret_key={origin.env['AWS_SECRET_ACCESS_KEY']} -s3.region=us-east-1 "
+                         f"-s3.endpoint={endpoint} -s3.force_path_style=true")
+        return self.shell(f"{configure}\nremote.mount -dir=/buckets/{bucket} -remote=origin/{bucket}\n")
 
     def meta_sync(self, bucket: str) -> str:
         """Pull the origin's current listing of ``bucket`` into the tier (changed objects are
@@ -469,11 +479,18 @@ class SeaweedTier:
 
 
 @contextlib.contextmanager
-def seaweed_tier() -> Iterator[SeaweedTier]:
+def seaweed_tier(trust: str | None = None) -> Iterator[SeaweedTier]:
     """A SeaweedFS cluster as separate processes on 127.0.0.1, all state in one temporary
     directory: master, ``TIER_VOLUMES`` volume servers, a filer with its S3 gateway (one
-    identity, ``tier-access-key``). Remote-mount an origin bucket with ``mount_remote``."""
+    identity, ``tier-access-key``). Remote-mount an origin bucket with ``mount_remote``.
+    ``trust``: a CA file its processes (and ``weed shell``) trust in addition to the system's,
+    e.g. an HTTPS test origin's ``ca_file``."""
     weed = weed_binary()
+    weed_env = dict(os.environ)
+    if trust:
+        # Go reads SSL_CERT_FILE instead of the system bundle, and the directories in SSL_CERT_DIR
+        # (default /etc/ssl/certs among others) as well: both are trusted.
+        weed_env["SSL_CERT_FILE"] = trust
 
     @contextlib.contextmanager
     def start(workdir: str) -> Iterator[SeaweedTier]:
@@ -481,7 +498,7 @@ def seaweed_tier() -> Iterator[SeaweedTier]:
                     stack: contextlib.ExitStack) -> Server:
             Path(workdir, name).mkdir()
             server = Server(f"tier-{name}", "s3", f"http://127.0.0.1:{port}", env, str(Path(workdir, name)))
-            return stack.enter_context(_running(server, [weed, *cmd], ready))
+            return stack.enter_context(_running(server, [weed, *cmd], ready, weed_env))
 
         def http_ok(url: str) -> Callable[[], None]:
             def ready() -> None:
@@ -528,7 +545,7 @@ def seaweed_tier() -> Iterator[SeaweedTier]:
                 "-s3", f"-s3.port={s3}", f"-s3.port.grpc={free_port()}", f"-s3.config={config}",
                 f"-s3.localSocket={workdir}/s3.sock", "-s3.iam=false", "-s3.port.iceberg=0",
                 "-s3.port.lance=0", f"-s3.{TIER_UNTRUSTED}"], s3_ready, gateway)
-            yield SeaweedTier(server, f"127.0.0.1:{master}", f"127.0.0.1:{filer}", gateway, volumes)
+            yield SeaweedTier(server, f"127.0.0.1:{master}", f"127.0.0.1:{filer}", gateway, volumes, weed_env)
 
     with _server("seaweed-tier", start) as tier:
         yield tier
@@ -591,15 +608,17 @@ def make_test_ca(workdir: str) -> tuple[str, str, str]:
 
 
 @contextlib.contextmanager
-def azurite_server(oauth: bool = False) -> Iterator[Server]:
+def azurite_server(oauth: bool = False, https: bool = False) -> Iterator[Server]:
     """Azurite's blob service, account devstoreaccount1, data under the temporary directory;
-    with ``oauth``, over HTTPS and taking bearer tokens too (Azurite's "basic" OAuth: it checks a
-    token's audience, issuer and times, not its signature)."""
+    with ``https``, over HTTPS (the account key still works); with ``oauth``, over HTTPS and
+    taking bearer tokens too (Azurite's "basic" OAuth: it checks a token's audience, issuer and
+    times, not its signature)."""
     binary = azurite_binary()
+    https = https or oauth
 
     def start(workdir: str) -> contextlib.AbstractContextManager[Server]:
         port = free_port()
-        endpoint = f"{'https' if oauth else 'http'}://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+        endpoint = f"{'https' if https else 'http'}://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
         server = Server("azurite", "azure", endpoint,
                         {"AZURE_STORAGE_CONNECTION_STRING": _azurite_connection_string(endpoint)}, workdir)
         location = Path(workdir, "data")
@@ -607,10 +626,12 @@ def azurite_server(oauth: bool = False) -> Iterator[Server]:
         cmd = [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(location),
                "--silent", "--skipApiVersionCheck", "--loose", "--disableTelemetry",
                "--blobKeepAliveTimeout", str(AZURITE_KEEPALIVE_SECONDS)]
-        if oauth:
+        if https:
             server.ca_file, cert, key = make_test_ca(workdir)
             server.env["REQUESTS_CA_BUNDLE"] = server.ca_file
-            cmd += ["--cert", cert, "--key", key, "--oauth", "basic"]
+            cmd += ["--cert", cert, "--key", key]
+        if oauth:
+            cmd += ["--oauth", "basic"]
 
         def ready() -> None:
             for _ in server.blob_service(retry_total=0, read_timeout=PROBE_TIMEOUT).list_containers():
