@@ -653,7 +653,7 @@ def test_every_kind_of_kustomization_is_there() -> None:
         assert expected in names
     overlays = {n for n in names if n.startswith("overlays/")}
     for mode in ("sidecar", "daemonset"):
-        for backend in ("s3-cos", "azure", "azure-workload-identity", "s3-cos-tier"):
+        for backend in ("s3-cos", "azure", "azure-workload-identity", "s3-cos-tier", "azure-tier"):
             assert f"overlays/{mode}-{backend}" in overlays
 
 

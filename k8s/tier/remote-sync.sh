@@ -12,15 +12,37 @@ weed_shell() {
     weed shell -master="$MASTER" -filer="$FILER"
 }
 
+# The origin: REMOTE_TYPE s3 (the default: S3 or IBM COS, keys AWS_ACCESS_KEY_ID and
+# AWS_SECRET_ACCESS_KEY, REMOTE_ENDPOINT and REMOTE_REGION) or azure (a container: account
+# AZURE_STORAGE_ACCOUNT, key AZURE_STORAGE_ACCESS_KEY, REMOTE_ENDPOINT the blob service URL,
+# https:// only, empty for https://ACCOUNT.blob.core.windows.net/).
+case "${REMOTE_TYPE:-s3}" in
+    s3)
+        configure=$(printf 'remote.configure -name=origin -type=s3 -s3.access_key=%s -s3.secret_key=%s -s3.endpoint=%s -s3.region=%s -s3.force_path_style=true' \
+            "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" "$REMOTE_ENDPOINT" "$REMOTE_REGION")
+        ;;
+    azure)
+        configure=$(printf 'remote.configure -name=origin -type=azure -azure.account_name=%s -azure.account_key=%s' \
+            "$AZURE_STORAGE_ACCOUNT" "$AZURE_STORAGE_ACCESS_KEY")
+        if [ -n "${REMOTE_ENDPOINT:-}" ]; then
+            configure="$configure -azure.endpoint=$REMOTE_ENDPOINT"
+        else
+            REMOTE_ENDPOINT="https://$AZURE_STORAGE_ACCOUNT.blob.core.windows.net/"
+        fi
+        ;;
+    *)
+        echo "REMOTE_TYPE=$REMOTE_TYPE: expected s3 or azure" >&2
+        exit 1
+        ;;
+esac
+
 # remote.configure answers with the configuration, the secret masked; keep it out of the log
 # anyway and only say whether it worked.
-if ! out=$(printf 'remote.configure -name=origin -type=s3 -s3.access_key=%s -s3.secret_key=%s -s3.endpoint=%s -s3.region=%s -s3.force_path_style=true\n' \
-        "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" "$REMOTE_ENDPOINT" "$REMOTE_REGION" | weed_shell 2>&1) \
-        || printf '%s' "$out" | grep -q 'error'; then
+if ! out=$(printf '%s\n' "$configure" | weed_shell 2>&1) || printf '%s' "$out" | grep -q 'error'; then
     echo "remote.configure failed (check the Secret cachefs-tier-origin and remote.env)" >&2
     exit 1
 fi
-echo "remote.configure: origin -> $REMOTE_ENDPOINT"
+echo "remote.configure: origin (${REMOTE_TYPE:-s3}) -> $REMOTE_ENDPOINT"
 
 # Runs one weed shell command into $out; on failure prints what went wrong (not the per-object
 # lines) and fails.
