@@ -130,6 +130,12 @@ class Server:
             env["AZURE_STORAGE_CONNECTION_STRING"] = _azurite_connection_string(self.endpoint_via(proxy_url))
         return env
 
+    @property
+    def azure_account(self) -> tuple[str, str]:
+        """(account name, account key) of an Azure server, from its connection string."""
+        conn = dict(part.split("=", 1) for part in self.env["AZURE_STORAGE_CONNECTION_STRING"].split(";") if part)
+        return conn["AccountName"], conn["AccountKey"]
+
     # -- clients ------------------------------------------------------------------------------
 
     def s3_client(self, endpoint_url: str | None = None, retries: int = 4, **config: Any) -> Any:
@@ -454,10 +460,10 @@ class SeaweedTier:
         account key over plain HTTP) with a CA the tier trusts (``seaweed_tier(trust=...)``)."""
         endpoint = endpoint_url or origin.endpoint_url
         if origin.kind == "azure":
-            conn = dict(part.split("=", 1) for part in origin.env["AZURE_STORAGE_CONNECTION_STRING"].split(";") if part)
+            account, key = origin.azure_account
             # -azure.endpoint: the blob service URL; Azurite's carries the account in its path
-            configure = (f"remote.configure -name=origin -type=azure -azure.account_name={conn['AccountName']} "
-                         f"-azure.account_key={conn['AccountKey']} -azure.endpoint={endpoint}")
+            configure = (f"remote.configure -name=origin -type=azure -azure.account_name={account} "
+                         f"-azure.account_key={key} -azure.endpoint={endpoint}")
         else:
             configure = (f"remote.configure -name=origin -type=s3 -s3.access_key={origin.env['AWS_ACCESS_KEY_ID']} "
                          f"-s3.secret_key={origin.env['AWS_SECRET_ACCESS_KEY']} -s3.region=us-east-1 "
