@@ -47,9 +47,10 @@ from ..metadata.names import NAME_MAX, decode_name
 log = logging.getLogger(__name__)
 
 # The kernel retries a failed read at once (its readahead failed, then it reads the page itself):
-# a block whose download failed for this open file less than this long ago fails again at once
-# rather than waiting out another --backend-timeout, so one read() fails within the timeout.
+# a block whose download failed for this file less than this long ago gets RETRY_GRACE to succeed
+# rather than another --backend-timeout, so one read() fails within the timeout.
 FAILED_READ_MEMORY = 1.0
+RETRY_GRACE = 0.5  # how long such a block's second attempt may take before it fails
 # Read-only mounts: per-inode read state (readahead window, blocks counted, the version being
 # read) is kept for the inodes read most recently. Bounded: it is a hint, not a handle.
 READ_STATES_KEPT = 4096
@@ -279,11 +280,17 @@ class CoreFS:
         count = block not in handle.counted
         handle.counted.add(block)
         failed_at = handle.failed.get(block)
-        if failed_at is not None and time.monotonic() - failed_at < FAILED_READ_MEMORY \
-                and not self.reader.cached(ref):
-            raise FsError(errno.EIO, "the backend failed this read a moment ago")
+        retried = failed_at is not None and time.monotonic() - failed_at < FAILED_READ_MEMORY \
+            and not self.reader.cached(ref)
         try:
-            return await self.reader.read(ref, key, lo, length, count=count)
+            if not retried:
+                return await self.reader.read(ref, key, lo, length, count=count)
+            # The kernel's retry, or a reader coming back just after: the store gets a moment to
+            # answer (it may be back), not another --backend-timeout. The download goes on in
+            # the background either way.
+            with trio.move_on_after(RETRY_GRACE):
+                return await self.reader.read(ref, key, lo, length, count=count)
+            raise FsError(errno.EIO, "the backend failed this read a moment ago")
         except ObjectChanged:
             with _errors():
                 await self.lister.refresh(rec.ino)

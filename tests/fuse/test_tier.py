@@ -73,6 +73,18 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def read_on_nodes(roots: list[Path], keys: list[str]) -> list[dict[str, str]]:
+    """Each node (mount root) reads every key at the same time as the others, each in its own
+    shuffled order: the digests each node read."""
+    def epoch(node: int) -> dict[str, str]:
+        order = sorted(keys)
+        random.Random(node).shuffle(order)
+        return {k: digest(roots[node] / k) for k in order}
+
+    with ThreadPoolExecutor(len(roots)) as pool:
+        return list(pool.map(epoch, range(len(roots))))
+
+
 def fetches(port: int) -> dict[str, float]:
     m = scrape(port)
     out = {src: m[f'cachefs_block_fetch_bytes_total{{source="{src}"}}'] for src in ("tier", "origin")}
@@ -92,14 +104,7 @@ def test_three_nodes_read_the_dataset_from_the_origin_once(cluster: Cluster, tmp
     mounts = [mounted(f"s3://{bucket}", tmp_path / f"mnt{i}", tmp_path / f"cache{i}", cluster.env,
                       *cluster.mount_args(ports[i])) for i in range(NODES)]
     with mounts[0] as m0, mounts[1] as m1, mounts[2] as m2:
-        def epoch(node: int) -> dict[str, str]:
-            keys = sorted(data)
-            random.Random(node).shuffle(keys)  # each node its own order
-            root = (m0, m1, m2)[node].path
-            return {k: digest(root / k) for k in keys}
-
-        with ThreadPoolExecutor(NODES) as pool:
-            seen = list(pool.map(epoch, range(NODES)))
+        seen = read_on_nodes([m0.path, m1.path, m2.path], list(data))
         counts = [fetches(p) for p in ports]
     egress = cluster.origin_proxy.stats.bytes_down - before
     for node in range(NODES):

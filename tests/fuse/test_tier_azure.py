@@ -14,7 +14,6 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from cachefs.testing.servers import (
 )
 
 from .mounts import Mount, mounted
-from .test_tier import dataset, digest, fetches
+from .test_tier import dataset, fetches, read_on_nodes
 
 NODES = 3
 OBJECTS = 60  # 16 KB - 1 MB, log-uniform (~17 MB), and one object of 10 MiB (three blocks)
@@ -100,14 +99,7 @@ def test_three_nodes_read_an_azure_container_from_the_origin_once(cluster: Azure
     before = cluster.origin_proxy.stats.bytes_down
     with cluster.mount(name, tmp_path, "0", ports[0]) as m0, cluster.mount(name, tmp_path, "1", ports[1]) as m1, \
             cluster.mount(name, tmp_path, "2", ports[2]) as m2:
-        def epoch(node: int) -> dict[str, str]:
-            keys = sorted(data)
-            random.Random(node).shuffle(keys)  # each node its own order
-            root = (m0, m1, m2)[node].path
-            return {k: digest(root / k) for k in keys}
-
-        with ThreadPoolExecutor(NODES) as pool:
-            seen = list(pool.map(epoch, range(NODES)))
+        seen = read_on_nodes([m0.path, m1.path, m2.path], list(data))
         counts = [fetches(p) for p in ports]
     egress = cluster.origin_proxy.stats.bytes_down - before
     for node in range(NODES):
