@@ -13,8 +13,9 @@ call the daemon makes: worker-thread hop, retry wrapper, If-Match pin).
 Listings: every page of one folder of ``--keys`` objects through ``Backend.list_page`` with "/" as
 delimiter (what the lister asks), one page after the other.
 - S3: botocore parsing the page itself (no hook, as before 9a0b78a), botocore's request with the
-  page read by ElementTree (before this change), cachefs (the page read by ``xmlscan``), and
-  obstore's ``list_with_delimiter`` for reference;
+  page read by ElementTree (the baseline of issue 12), botocore's request with the page read as
+  cachefs reads it (``CACHEFS_S3_LIST_PATH=botocore``), cachefs (``s3_rest``: one signed urllib3
+  request a page, the same reading), and obstore's ``list_with_delimiter`` for reference;
 - Azure: azure-storage-blob (``walk_blobs``, as the backend did before), cachefs (``azure_rest``:
   azure-core's pipeline, the page read by ``xmlscan``), and obstore's ``list_with_delimiter``.
 obstore's listing cannot serve the lister (no continuation token: it gathers a whole folder in
@@ -137,13 +138,13 @@ def env(values: dict[str, str]) -> Iterator[None]:
 
 
 def s3_backends(server: Server, connections: int) -> dict[str, Backend]:
-    def make(cls: type[S3Backend], path: str) -> S3Backend:
-        with env({**server.env, "CACHEFS_S3_DATA_PATH": path}):
+    def make(cls: type[S3Backend], path: str, listing: str = "rest") -> S3Backend:
+        with env({**server.env, "CACHEFS_S3_DATA_PATH": path, "CACHEFS_S3_LIST_PATH": listing}):
             return cls(parse_source(f"s3://{BUCKET}"), endpoint_url=server.endpoint_url, region="us-east-1",
                        profile=None, timeout=30, max_connections=connections)
 
     return {"boto3": make(BotocoreS3, "boto3"), "obstore": make(S3Backend, "obstore"),
-            "ElementTree": make(TreeS3, "obstore")}
+            "ElementTree": make(TreeS3, "obstore", "botocore"), "botocore list": make(S3Backend, "obstore", "botocore")}
 
 
 def azure_backends(server: Server, connections: int) -> dict[str, Backend]:
@@ -210,6 +211,7 @@ def measure_store(server: Server, args: argparse.Namespace, results: dict[str, d
         if server.kind == "s3":
             listers = {"botocore": lambda: trio.run(list_all, backends["boto3"]),
                        "ElementTree (before)": lambda: trio.run(list_all, backends["ElementTree"]),
+                       "botocore request": lambda: trio.run(list_all, backends["botocore list"]),
                        "cachefs": lambda: trio.run(list_all, backends["obstore"])}
             listers["obstore (reference)"] = obstore_lister(backends["obstore"].store)  # type: ignore[attr-defined]
         else:
@@ -222,8 +224,8 @@ def measure_store(server: Server, args: argparse.Namespace, results: dict[str, d
             await gets(b, keys[:100], etags, args.concurrency)
         for _ in range(args.rounds):
             for path, b in backends.items():
-                if path == "ElementTree":
-                    continue  # the obstore data path again: it differs in listings only
+                if path in ("ElementTree", "botocore list"):
+                    continue  # the obstore data path again: they differ in listings only
                 c, w = await gets(b, keys, etags, args.concurrency)
                 results.setdefault(f"get|{store}|{path}", {"cpu": [], "rate": []})
                 results[f"get|{store}|{path}"]["cpu"].append(c / args.gets * 1000)
