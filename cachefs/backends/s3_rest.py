@@ -36,6 +36,7 @@ from botocore.utils import get_environ_proxies
 _CODE = re.compile(rb"<Code>([^<]*)</Code>")
 # What SigV4's canonical query leaves unencoded (RFC 3986 unreserved); the query is sent as signed.
 _SAFE = "-_.~"
+USER_AGENT = "cachefs (s3_rest)"
 
 
 class StoreError(Exception):
@@ -97,8 +98,8 @@ class S3Rest:
 
     def _authorization(self, url: str) -> dict[str, str]:
         if self.bearer is not None:
-            return self.bearer()
-        request = AWSRequest(method="GET", url=url)
+            return {"User-Agent": USER_AGENT, **self.bearer()}
+        request = AWSRequest(method="GET", url=url, headers={"User-Agent": USER_AGENT})
         # Frozen per request: a refreshable source (a role, IRSA) is refreshed when it expires.
         frozen = self.credentials.get_frozen_credentials() if self.credentials is not None else None
         S3SigV4Auth(frozen, self.endpoint.signing_name, self.endpoint.region).add_auth(request)
