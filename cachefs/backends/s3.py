@@ -165,6 +165,7 @@ _ITEM_LEAVES = frozenset((b"Key", b"LastModified", b"ETag", b"Size", b"Prefix"))
 # (``_scan_listing``), which reads any page whose objects do not all have the first one's shape.
 _FIELDS = {"Key": r"([^<]*)", "LastModified": r"([^<]*)", "Size": r"([0-9]+)",
            "ETag": r'(?:&quot;|&#34;|")?([^<&"]*)(?:&quot;|&#34;|")?'}  # unquoted
+_QUOTES = ("&quot;", "&#34;", '"')
 _FIRST_OBJECT = re.compile(r"<Contents>.*?</Contents>", re.S)
 _MARKUP = re.compile(r"(<[^>]*>)")
 _PREFIX = re.compile(r"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>\s*</CommonPrefixes>")
@@ -183,7 +184,11 @@ def _object_pattern(first: str) -> tuple[re.Pattern[str], list[int]] | None:
         if opening in _FIELDS and pieces[i + 1] == f"</{opening}>":
             if opening in order:
                 return None
-            parts.append(_FIELDS[opening])
+            quote = next((q for q in _QUOTES if piece.startswith(q) and piece.endswith(q)), None)
+            if opening == "ETag" and quote is not None and len(piece) > 2 * len(quote):
+                parts.append(f'{re.escape(quote)}([^<&"]*){re.escape(quote)}')  # as the first one is quoted
+            else:
+                parts.append(_FIELDS[opening])
             order.append(opening)
         elif i and i + 1 < len(pieces) and pieces[i + 1] == f"</{opening}>":
             parts.append("[^<]*")  # another leaf's text (StorageClass, ChecksumAlgorithm, ...)
