@@ -215,14 +215,13 @@ def _objects(doc: str, times: _Times) -> list[ObjectInfo] | None:
     if shape is None:
         return None
     pattern, (k, m, e, s) = shape
-    items = pattern.findall(doc)
-    if len(items) != doc.count("<Contents>"):
+    # split, not findall: a flat list of strings (text between objects, then each object's four
+    # fields), sliced into columns; no tuple per object for the garbage collector to walk.
+    parts = pattern.split(doc)
+    if (len(parts) - 1) // 5 != doc.count("<Contents>"):
         return None
-    if not items:
-        return []
-    columns = list(zip(*items, strict=True))
-    return list(map(_object, zip(columns[k], map(int, columns[s]), columns[e],
-                                 map(times.__getitem__, columns[m]), strict=True)))
+    return list(map(_object, zip(parts[1 + k::5], map(int, parts[1 + s::5]), parts[1 + e::5],
+                                 map(times.__getitem__, parts[1 + m::5]), strict=True)))
 
 
 _ODD = re.compile("[&%+]")  # an entity, or (URL-encoded keys) an escape or a space
