@@ -1,7 +1,10 @@
 """S3 and IBM COS (any S3-compatible store via an endpoint URL).
 
 boto3 resolves credentials with the standard AWS chain (environment, shared files and profiles,
-IRSA web identity, instance roles) and does listing and HEAD. Ranged GETs — the hot path, one per
+IRSA web identity, instance roles) and does HEAD and writes. Listing pages are sent by ``s3_rest``
+(one signed request each, without botocore's client stack: ~1.5 ms of CPU less per page) to where
+botocore sent the first listing request; ``CACHEFS_S3_LIST_PATH=botocore`` keeps them on botocore
+(for comparison). Either way the page is read by ``_parse_listing``. Ranged GETs — the hot path, one per
 small file — go through obstore (Rust ``object_store``; releases the GIL) fed with boto3's
 credentials: it costs ~10x less CPU per request than botocore, which otherwise caps a daemon at a
 few hundred small files per second per core (see bench/RESULTS.md). ``CACHEFS_S3_DATA_PATH=boto3``
@@ -29,8 +32,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import email.utils
+import functools
 import hashlib
 import logging
+import operator
 import os
 import re
 import threading
@@ -47,6 +52,7 @@ import botocore.handlers
 import botocore.session
 import botocore.utils
 import trio
+import urllib3
 from botocore.config import Config
 
 from ..errors import (
@@ -56,10 +62,11 @@ from ..errors import (
     ObjectChanged,
     TemporaryFailure,
     Unreachable,
+    UsageError,
     temporary_status,
 )
 from ..source import Source
-from . import obstore_get, xmlscan
+from . import obstore_get, s3_rest, xmlscan
 from .base import Backend, ListPage, ObjectInfo
 from .ibm_iam import KeyRefused, Tokens, key_from_env
 
@@ -150,14 +157,135 @@ _LISTING = xmlscan.scanner(("Key", "LastModified", "ETag", "Size", "Prefix", "En
 _ITEM_LEAVES = frozenset((b"Key", b"LastModified", b"ETag", b"Size", b"Prefix"))
 
 
+# Each store writes the objects of a page alike, in an order of its own (AWS, IBM COS, MinIO,
+# moto: Key, LastModified, ETag, Size, StorageClass; SeaweedFS: Key, ETag, Size, StorageClass,
+# LastModified). The first object of a page gives the pattern of all: its markup, literally, with
+# the text of the four fields read captured and any other text matched. A page is then one C call
+# (one match per object) and a few maps: a fraction of walking the leaves one by one
+# (``_scan_listing``), which reads any page whose objects do not all have the first one's shape.
+_FIELDS = {"Key": r"([^<]*)", "LastModified": r"([^<]*)", "Size": r"([0-9]+)",
+           "ETag": r'(?:&quot;|&#34;|")?([^<&"]*)(?:&quot;|&#34;|")?'}  # unquoted
+_QUOTES = ("&quot;", "&#34;", '"')
+_FIRST_OBJECT = re.compile(r"<Contents>.*?</Contents>", re.S)
+_MARKUP = re.compile(r"(<[^>]*>)")
+_PREFIX = re.compile(r"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>\s*</CommonPrefixes>")
+
+
+def _object_pattern(first: str) -> tuple[re.Pattern[str], list[int]] | None:
+    """The pattern of objects shaped like ``first`` (an object's markup), and the positions of
+    (key, modified, etag, size) among its groups; None if ``first`` lacks one of them."""
+    pieces = _MARKUP.split(first)  # text, tag, text, tag, ..., text
+    parts, order = [], []
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            parts.append(re.escape(piece))
+            continue
+        opening = pieces[i - 1][1:-1] if i else ""
+        if opening in _FIELDS and pieces[i + 1] == f"</{opening}>":
+            if opening in order:
+                return None
+            quote = next((q for q in _QUOTES if piece.startswith(q) and piece.endswith(q)), None)
+            if opening == "ETag" and quote is not None and len(piece) > 2 * len(quote):
+                parts.append(f'{re.escape(quote)}([^<&"]*){re.escape(quote)}')  # as the first one is quoted
+            else:
+                parts.append(_FIELDS[opening])
+            order.append(opening)
+        elif i and i + 1 < len(pieces) and pieces[i + 1] == f"</{opening}>":
+            parts.append("[^<]*")  # another leaf's text (StorageClass, ChecksumAlgorithm, ...)
+        elif not piece.strip():
+            parts.append(r"\s*")
+        else:
+            return None  # text between elements: not a listing as the stores write them
+    if len(order) != len(_FIELDS):
+        return None
+    return _compile("".join(parts)), [order.index(n) for n in ("Key", "LastModified", "ETag", "Size")]
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def _objects(doc: str, times: _Times) -> list[ObjectInfo] | None:
+    """Every object of ``doc`` (keys as written), or None unless all have the first one's shape."""
+    first = _FIRST_OBJECT.search(doc)
+    if first is None:
+        return [] if "<Contents>" not in doc else None
+    shape = _object_pattern(first.group())
+    if shape is None:
+        return None
+    pattern, (k, m, e, s) = shape
+    # split, not findall: a flat list of strings (text between objects, then each object's four
+    # fields), sliced into columns; no tuple per object for the garbage collector to walk.
+    parts = pattern.split(doc)
+    if (len(parts) - 1) // 5 != doc.count("<Contents>"):
+        return None
+    return list(map(_object, zip(parts[1 + k::5], map(int, parts[1 + s::5]), parts[1 + e::5],
+                                 map(times.__getitem__, parts[1 + m::5]), strict=True)))
+
+
+_ODD = re.compile("[&%+]")  # an entity, or (URL-encoded keys) an escape or a space
+_FIRST = operator.itemgetter(0)
+_object = functools.partial(tuple.__new__, ObjectInfo)  # ObjectInfo(*t) without a Python call
+
+
+class _Times(dict[str, float]):
+    """LastModified text -> seconds; a page's objects share few distinct times."""
+
+    def __missing__(self, value: str) -> float:
+        mtime = self[value] = _timestamp(value).timestamp()
+        return mtime
+
+
 def _parse_listing(body: bytes) -> ListPage:
     """A ListObjectsV2 answer, as botocore would give it (keys URL-decoded when the store
-    encoded them: botocore asks for encoding-type=url). Read by ``xmlscan`` (a fraction of
-    ElementTree's CPU), or by ElementTree when the page is not of the plain shape it reads."""
+    encoded them: both ask for encoding-type=url). Read by one regular expression per page
+    where every object has the usual shape, else leaf by leaf by ``xmlscan`` (a fraction of
+    ElementTree's CPU), or by ElementTree when the page is not of the plain shape xmlscan reads."""
     try:
-        return _scan_listing(xmlscan.scan(body, b"ListBucketResult", _LISTING))
+        xmlscan.check(body, b"ListBucketResult")
+        return _scan_objects(body.decode()) or _scan_listing(_LISTING.findall(body))
     except (xmlscan.Unreadable, KeyError):  # KeyError: an item without a key or a time
         return _parse_listing_tree(body)
+
+
+def _leaf(doc: str, name: str) -> str | None:
+    """The text of the ``name`` leaf of the page ``doc`` (one of the root's own leaves): looked
+    for before the first object and after the last one (not across the whole page), then anywhere."""
+    tag = f"<{name}>"
+    head, tail = doc.find("<Contents>"), doc.rfind("</Contents>")
+    start = doc.find(tag, 0, head) if head >= 0 else doc.find(tag)
+    if start < 0 and tail >= 0:
+        start = doc.find(tag, tail)
+        if start < 0:
+            start = doc.find(tag)
+    if start < 0:
+        return None
+    start += len(tag)
+    return xmlscan.unescape(doc[start:doc.index("<", start)])
+
+
+def _scan_objects(doc: str) -> ListPage | None:
+    """``_parse_listing`` of a page whose every object and prefix has the same shape (else None)."""
+    objects = _objects(doc, _Times())
+    if objects is None:
+        return None
+    prefixes = _PREFIX.findall(doc)
+    if len(prefixes) != doc.count("<CommonPrefixes>"):
+        return None
+    url = (_leaf(doc, "EncodingType") or "").strip() == "url"
+    keys = "".join(map(_FIRST, objects))
+    if "&" in keys or "%" in keys or "+" in keys:  # an entity, or URL-encoded: most pages have none
+        objects = [o._replace(key=_key(o.key, url)) if _ODD.search(o.key) else o for o in objects]
+    page = ListPage(objects, [_key(p, url) for p in prefixes])
+    if (_leaf(doc, "IsTruncated") or "").strip().lower() == "true":
+        page.token = _leaf(doc, "NextContinuationToken") or None
+    return page
+
+
+def _key(text: str, url: bool) -> str:
+    text = xmlscan.unescape(text)
+    return unquote_plus(text) if url else text
 
 
 def _scan_listing(leaves: list[tuple[bytes, bytes]]) -> ListPage:
@@ -216,6 +344,19 @@ def _parse_listing_tree(body: bytes) -> ListPage:
     return page
 
 
+def _refusal(what: str, code: str, status: str) -> BackendError:
+    """What an error answer (S3 error code, HTTP status) means for cachefs."""
+    if code in _NOT_FOUND or status == "404":
+        return NotFound(f"{what}: not found")
+    if code in _DENIED or status == "403":
+        return AccessDenied(f"{what}: access denied ({code or status})")
+    if code in _CHANGED or status == "412":
+        return ObjectChanged(f"{what}: object changed")
+    if code in _PERMANENT or (status.isdigit() and not temporary_status(int(status))):
+        return BackendError(f"{what}: refused by the store ({code or status})")
+    return TemporaryFailure(f"{what}: {code or status or 'error'}")
+
+
 def _check_etag(key: str, want: str | None, got: str | None, if_match: bool) -> None:
     """Without If-Match, a response of another version than the one pinned is a change."""
     if want and not if_match and got is not None and got.strip('"') != want:
@@ -263,6 +404,16 @@ class S3Backend(Backend):
         # parser, and read with ElementTree's C parser in ``_parse_listing`` (~10x less).
         self._listing = threading.local()
         self.list_client.meta.events.register("before-parse.s3.ListObjectsV2", self._take_listing)
+        #: "rest" (pages through ``s3_rest`` once botocore showed where to send them) or "botocore"
+        self.list_path = os.environ.get("CACHEFS_S3_LIST_PATH", "rest")
+        if self.list_path not in ("rest", "botocore"):
+            raise UsageError(f"CACHEFS_S3_LIST_PATH must be rest or botocore, not {self.list_path!r}")
+        self.rest: s3_rest.S3Rest | None = None
+        self._rest_lock = threading.Lock()
+        self._ca_bundle = core.get_config_variable("ca_bundle")
+        if self.list_path == "rest":
+            self.list_client.meta.events.register("before-sign.s3.ListObjectsV2", self._learn_endpoint)
+        self._credentials: Any = None
         #: False once the store refused an If-Match GET: versions are checked by response ETag
         self.conditional_get = True
         self.data_path = os.environ.get("CACHEFS_S3_DATA_PATH", "obstore")
@@ -275,7 +426,7 @@ class S3Backend(Backend):
             self._bearer_lock = threading.Lock()
             self._bearer: tuple[dict[str, str], Any] | None = None  # (headers, obstore store) in use
             return
-        creds = session.get_credentials()
+        creds = self._credentials = session.get_credentials()
         if creds is not None:
             frozen = creds.get_frozen_credentials()
             self.secrets = tuple(s for s in (frozen.secret_key, frozen.token) if s)
@@ -333,17 +484,15 @@ class S3Backend(Backend):
     def translate(self, exc: Exception, what: str) -> BackendError:
         if isinstance(exc, botocore.exceptions.ClientError):
             err = exc.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-            if code in _NOT_FOUND or status == "404":
-                return NotFound(f"{what}: not found")
-            if code in _DENIED or status == "403":
-                return AccessDenied(f"{what}: access denied ({code or status})")
-            if code in _CHANGED or status == "412":
-                return ObjectChanged(f"{what}: object changed")
-            if code in _PERMANENT or (status.isdigit() and not temporary_status(int(status))):
-                return BackendError(f"{what}: refused by the store ({code or status})")
-            return TemporaryFailure(f"{what}: {code or status or 'error'}")
+            return _refusal(what, str(err.get("Code", "")),
+                            str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")))
+        if isinstance(exc, s3_rest.StoreError):
+            return _refusal(what, exc.code, str(exc.status))
+        if isinstance(exc, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError):
+            return Unreachable(f"{what}: cannot connect to {self.endpoint_url or 'S3'}")
+        if isinstance(exc, urllib3.exceptions.MaxRetryError):  # urllib3 wraps connection errors in it
+            return self.translate(exc.reason, what) if isinstance(exc.reason, Exception) else \
+                TemporaryFailure(f"{what}: {type(exc).__name__}")
         if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
             return AccessDenied(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/"
                                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a role)")
@@ -382,11 +531,34 @@ class S3Backend(Backend):
         return call()
 
     def _check_sync(self) -> None:
+        # Through botocore, which also shows the listings where to go (``_learn_endpoint``).
         try:
-            self._run(f"bucket {self.source.bucket}", self.client.list_objects_v2,
+            self._run(f"bucket {self.source.bucket}", self.list_client.list_objects_v2,
                       Bucket=self.source.bucket, Prefix=self.source.prefix, MaxKeys=1)
         except NotFound as exc:
             raise NotFound(f"bucket {self.source.bucket!r} does not exist") from exc
+        finally:
+            self._listing.body = None
+
+    def _learn_endpoint(self, request: Any, signature_version: Any = None, region_name: str | None = None,
+                        **kwargs: Any) -> None:
+        """botocore hook (before a listing request is signed): where and how botocore sends
+        listings of the bucket, for ``s3_rest``. Learnt once, and again after a redirect; a
+        signature other than SigV4 (or IBM IAM's bearer) leaves listings on botocore."""
+        if self.rest is not None:
+            return
+        if self.tokens is None and signature_version not in ("s3v4", "v4"):
+            return
+        signing = request.context.get("signing", {})
+        endpoint = s3_rest.Endpoint(request.url.split("?", 1)[0], signing.get("region") or region_name or "us-east-1",
+                                    signing.get("signing_name") or "s3")
+        with self._rest_lock:
+            if self.rest is None:
+                self.rest = s3_rest.S3Rest(
+                    endpoint, credentials=self._credentials,
+                    bearer=self.tokens.headers if self.tokens is not None else None,
+                    ca_bundle=self._ca_bundle, max_connections=self._max_connections,
+                    connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT)
 
     def _take_listing(self, response_dict: dict[str, Any], **kwargs: Any) -> None:
         """botocore hook: keep a successful listing's body for ``_parse_listing`` and hand
@@ -397,6 +569,39 @@ class S3Backend(Backend):
             response_dict["body"] = _EMPTY_LISTING
 
     def _list_sync(self, prefix: str, delimiter: str | None, token: str | None) -> ListPage:
+        rest = self.rest
+        if rest is None:  # CACHEFS_S3_LIST_PATH=botocore, or botocore has not shown the way yet
+            return self._list_botocore(prefix, delimiter, token)
+        what = f"list {prefix!r}"
+
+        def once() -> bytes:
+            try:
+                return rest.list_objects(prefix, delimiter, token, self.page_size)
+            except s3_rest.StoreError as exc:
+                if exc.region and exc.region != rest.endpoint.region:
+                    raise  # the bucket is elsewhere: botocore follows the redirect (below)
+                raise self.translate(exc, what) from exc
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise self.translate(exc, what) from exc
+            except botocore.exceptions.BotoCoreError as exc:  # no credentials to sign with
+                raise self.translate(exc, what) from exc
+
+        try:
+            body = self._token_retry(once)
+        except s3_rest.StoreError as exc:
+            log.info("%s: the bucket is in %s, not %s; asking botocore where to list", self.describe(),
+                     exc.region, rest.endpoint.region)
+            with self._rest_lock:
+                if self.rest is rest:
+                    self.rest = None
+            rest.close()
+            return self._list_botocore(prefix, delimiter, token)
+        try:
+            return _parse_listing(body)
+        except (ElementTree.ParseError, ValueError, TypeError) as exc:
+            raise TemporaryFailure(f"{what}: unreadable answer ({type(exc).__name__})") from exc
+
+    def _list_botocore(self, prefix: str, delimiter: str | None, token: str | None) -> ListPage:
         kwargs: dict[str, Any] = {"Bucket": self.source.bucket, "Prefix": prefix,
                                   "MaxKeys": self.page_size}
         if delimiter:
@@ -575,5 +780,7 @@ class S3Backend(Backend):
     def _close_sync(self) -> None:
         self.client.close()
         self.list_client.close()
+        if self.rest is not None:
+            self.rest.close()
         if self.tokens is not None:
             self.tokens.close()

@@ -36,16 +36,25 @@ def scanner(leaves: Iterable[str], ends: Iterable[str]) -> re.Pattern[bytes]:
 def scan(body: bytes, root: bytes, pattern: re.Pattern[bytes]) -> list[tuple[bytes, bytes]]:
     """``pattern.findall(body)``, once ``body`` is known to be a whole ``root`` document of the
     plain shape (else Unreadable)."""
-    if b"<![CDATA[" in body or b"<!--" in body or b"<!DOCTYPE" in body:
-        raise Unreadable("CDATA, comment or document type")
-    if not body.rstrip().endswith(b"</" + root + b">"):
-        raise Unreadable(f"no </{root.decode()}> at the end: cut short?")
+    check(body, root)
     return pattern.findall(body)
+
+
+def check(body: bytes, root: bytes) -> None:
+    """Raise Unreadable unless ``body`` is a whole ``root`` document of the plain shape."""
+    if b"!" in body and b"<!" in body:  # "<![CDATA[", "<!--", "<!DOCTYPE" ("!" is rare: a fast scan)
+        raise Unreadable("CDATA, comment or document type")
+    if not body[-len(root) - 64:].rstrip().endswith(b"</" + root + b">"):  # no copy of the page
+        raise Unreadable(f"no </{root.decode()}> at the end: cut short?")
 
 
 def text(raw: bytes) -> str:
     """The text of a leaf, its character and entity references replaced."""
-    value = raw.decode()
+    return unescape(raw.decode())
+
+
+def unescape(value: str) -> str:
+    """``value`` with its character and entity references replaced."""
     if "&" not in value:
         return value
     value = value.replace("&quot;", '"').replace("&#34;", '"')  # S3's quoted ETags: the usual case

@@ -1,14 +1,16 @@
 """The lean data and listing paths on real servers: Azure GETs through obstore (and the REST
 client for the keys obstore cannot hold) with every credential source, their errors, and
-listings that give exactly what the SDKs' own listings give (Azurite; moto and SeaweedFS).
+listings that give exactly what the SDKs' own listings give (Azurite; moto and SeaweedFS), S3's
+sent by ``s3_rest`` (its errors, and a mount listing through it).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,13 @@ from typing import Any
 import pytest
 import trio
 
-from cachefs.backends import Backend, ListPage, ObjectInfo, create_backend, obstore_get
+from cachefs.backends import Backend, ListPage, ObjectInfo, create_backend, obstore_get, s3_rest
 from cachefs.backends.azure import AzureBackend
 from cachefs.backends.s3 import S3Backend
-from cachefs.errors import AccessDenied, NotFound, ObjectChanged, UsageError
+from cachefs.errors import AccessDenied, NotFound, ObjectChanged, TemporaryFailure, Unreachable, UsageError
 from cachefs.source import parse_source
 from cachefs.testing.identity import managed_identity
+from cachefs.testing.proxy import LatencyProxy
 from cachefs.testing.servers import AZURITE_ACCOUNT, AZURITE_KEY, Server, azurite_server
 from tests.fuse.mounts import cachefs, mounted
 
@@ -222,26 +225,45 @@ def test_azure_listing_matches_the_sdk(azurite: Server, monkeypatch: pytest.Monk
     assert len(trio.run(listing, b, "d/many/", "/")[0]) == 40
 
 
-@pytest.mark.parametrize("server_name", ["moto", "seaweed"])
-def test_s3_listing_matches_botocore(server_name: str, request: pytest.FixtureRequest,
-                                     monkeypatch: pytest.MonkeyPatch, closing: list[Backend]) -> None:
-    """The scanner's pages hold exactly what botocore's own parser makes of the same requests."""
-    server: Server = request.getfixturevalue(server_name)
-    name = f"lean-{uuid.uuid4().hex[:12]}"
-    server.create_bucket(name)
-    objects = {k: os.urandom(len(k)) for k in ODD_KEYS}
-    objects.update({f"d/many/{i:03d}": b"x" * i for i in range(30)})
-    server.upload(name, objects)
-    for var, value in server.env.items():
+S3_ODD_KEYS = ODD_KEYS + AZURE_ONLY_KEYS + ["d/a//b", "d/pct%2Fslash", "d/plus+%2B", "d/ends-in-space ",
+                                           "d/tab\tkey", "d/日本語/ファイル", "d/emoji-🙂"]
+
+
+def seaweed_keys(keys: Iterable[str]) -> set[str]:
+    """The keys SeaweedFS lists for ``keys``: its filer drops empty path segments."""
+    return {re.sub("/+", "/", k).lstrip("/") for k in keys}
+
+
+def s3_backend(server: Server, name: str, monkeypatch: pytest.MonkeyPatch, list_path: str = "rest",
+               **env: str) -> S3Backend:
+    for var, value in {**server.env, "CACHEFS_S3_LIST_PATH": list_path, **env}.items():
         monkeypatch.setenv(var, value)
     b = create_backend(parse_source(f"s3://{name}"), endpoint_url=server.endpoint_url, region="us-east-1",
                        timeout=TIMEOUT)
     assert isinstance(b, S3Backend)
-    closing.append(b)
-    b.page_size = 7
+    return b
 
-    def botocore_page(prefix: str, delimiter: str | None, token: str | None) -> ListPage:
-        kwargs: dict[str, Any] = {"Bucket": name, "Prefix": prefix, "MaxKeys": 7}
+
+@pytest.mark.parametrize("server_name", ["moto", "seaweed"])
+def test_s3_listing_matches_botocore(server_name: str, request: pytest.FixtureRequest,
+                                     monkeypatch: pytest.MonkeyPatch, closing: list[Backend]) -> None:
+    """Pages sent by ``s3_rest`` and read by the scanner hold exactly what botocore's own request
+    and parser make of the same listing: odd keys (spaces, "+", "%", "&", "<", unicode, "a//b",
+    a leading "/", "/" markers), small pages with their tokens followed, "/" or no delimiter, at
+    the root and below, and odd prefixes."""
+    server: Server = request.getfixturevalue(server_name)
+    name = f"lean-{uuid.uuid4().hex[:12]}"
+    server.create_bucket(name)
+    objects = {k: os.urandom(len(k.encode())) for k in S3_ODD_KEYS}
+    objects.update({f"d/many/{i:03d}": b"x" * i for i in range(30)})
+    server.upload(name, objects)
+    b = s3_backend(server, name, monkeypatch)
+    closing.append(b)
+    trio.run(b.check)
+    assert b.rest is not None and b.rest.endpoint.url == f"{server.endpoint_url}/{name}"
+
+    def botocore_page(prefix: str, delimiter: str | None, token: str | None, size: int) -> ListPage:
+        kwargs: dict[str, Any] = {"Bucket": name, "Prefix": prefix, "MaxKeys": size}
         if delimiter:
             kwargs["Delimiter"] = delimiter
         if token:
@@ -252,21 +274,108 @@ def test_s3_listing_matches_botocore(server_name: str, request: pytest.FixtureRe
                         [p["Prefix"] for p in resp.get("CommonPrefixes", ())],
                         resp.get("NextContinuationToken") if resp.get("IsTruncated") else None)
 
-    for prefix, delimiter in [("", None), ("", "/"), ("d/", "/"), ("d/many/", "/"), ("d/p", "/")]:
+    # As the store keeps them (SeaweedFS, a filer, stores "d/a//b" as "d/a/b" and "/lead" as "lead").
+    stored = seaweed_keys(objects) if server_name == "seaweed" else set(objects)
+    assert set(server.list_keys(name)) == stored
+    cases = [("", None, 7), ("", "/", 7), ("d/", "/", 7), ("d/", "/", 2), ("d/many/", "/", 7), ("d/p", "/", 1),
+             ("d/", None, 1000), ("d/sp ", "/", 7), ("d/unicodé/", "/", 7), ("d/pct%", None, 7), ("d/plus+", "/", 7),
+             ("/", "/", 7), ("d/a/", "/", 7), ("d/marker/", "/", 7), ("none/", "/", 7)]
+    for prefix, delimiter, size in cases:
+        b.page_size = size
         token: str | None = None
-        seen = 0
+        got: list[ObjectInfo] = []
         while True:
             page = b._list_sync(prefix, delimiter, token)
-            want = botocore_page(prefix, delimiter, token)
-            assert page.objects == want.objects and page.prefixes == want.prefixes, (prefix, delimiter)
+            want = botocore_page(prefix, delimiter, token, size)
+            assert page.objects == want.objects and page.prefixes == want.prefixes, (prefix, delimiter, size)
             assert (page.token is None) == (want.token is None)
-            seen += len(page.objects) + len(page.prefixes)
+            got += page.objects
             token = page.token
             if token is None:
                 break
-        assert seen > 0
+        expected = sorted(k for k in stored if k.startswith(prefix) and (
+            delimiter is None or delimiter not in k[len(prefix):]))
+        assert [o.key for o in got] == expected, (prefix, delimiter, size)
     with pytest.raises(NotFound):  # through obstore: its "not found" is a NotFound, not a refusal
         trio.run(b.get_range, "d/missing", 0, 3, None)
+
+
+def test_s3_listing_errors_on_the_rest_path(seaweed: Server, monkeypatch: pytest.MonkeyPatch,
+                                           closing: list[Backend]) -> None:
+    """Through ``s3_rest``: a missing bucket is NotFound, a refused secret key AccessDenied, a 503
+    (throttling) or a page cut short a TemporaryFailure that ``retry.py`` retries, a store that
+    stopped answering Unreachable; CACHEFS_S3_LIST_PATH=botocore keeps listings on botocore."""
+    name = f"lean-{uuid.uuid4().hex[:12]}"
+    seaweed.create_bucket(name)
+    seaweed.upload(name, {f"k/{i:04d}": b"x" * 100 for i in range(300)})
+
+    missing = s3_backend(seaweed, f"nosuch-{uuid.uuid4().hex[:8]}", monkeypatch)
+    closing.append(missing)
+    with pytest.raises(NotFound, match="does not exist"):
+        trio.run(missing.check)
+    assert missing.rest is not None  # botocore showed the way before the store answered
+    with pytest.raises(NotFound):
+        missing._list_sync("", "/", None)
+
+    wrong = s3_backend(seaweed, name, monkeypatch, AWS_SECRET_ACCESS_KEY="not-the-secret-key")
+    closing.append(wrong)
+    with pytest.raises(AccessDenied):
+        trio.run(wrong.check)
+    assert wrong.rest is not None
+    with pytest.raises(AccessDenied, match="access denied \\(SignatureDoesNotMatch\\)"):
+        wrong._list_sync("k/", "/", None)
+
+    with LatencyProxy(seaweed.address) as proxy:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.env["AWS_SECRET_ACCESS_KEY"])
+        b = create_backend(parse_source(f"s3://{name}"), endpoint_url=proxy.url, region="us-east-1", timeout=TIMEOUT)
+        assert isinstance(b, S3Backend)
+        closing.append(b)
+        trio.run(b.check)
+        assert b.rest is not None
+        for fault in ("error", "error500", "cut"):
+            proxy.inject(fault, count=1)
+            with pytest.raises(TemporaryFailure):
+                b._list_sync("k/", "/", None)
+            proxy.inject(fault, count=2)
+            assert len(trio.run(listing, b, "k/", "/")[0]) == 300  # retried until the store answers
+            proxy.clear()
+        assert len(b._list_sync("k/", None, None).objects) == 300
+    with pytest.raises(Unreachable):  # nobody listens there any more
+        b._list_sync("k/", "/", None)
+
+    old = s3_backend(seaweed, name, monkeypatch, list_path="botocore")
+    closing.append(old)
+    trio.run(old.check)
+    assert old.rest is None and len(trio.run(listing, old, "k/", "/")[0]) == 300
+    monkeypatch.setenv("CACHEFS_S3_LIST_PATH", "fast")
+    with pytest.raises(UsageError, match="CACHEFS_S3_LIST_PATH must be rest or botocore"):
+        create_backend(parse_source(f"s3://{name}"), endpoint_url=seaweed.endpoint_url, region="us-east-1")
+
+
+def test_mount_lists_through_the_rest_path(seaweed: Server, tmp_path: Path) -> None:
+    """A real mount: every directory listing after the mount's bucket check is sent by
+    ``s3_rest`` (its User-Agent), and shows the odd names as they are in the bucket."""
+    name = f"lean-{uuid.uuid4().hex[:12]}"
+    seaweed.create_bucket(name)
+    objects = {"data/sp ace.txt": b"spaces", "data/plus+sign": b"plus", "data/pct%41": b"percent",
+               "data/ü/x": b"unicode", "data/sub/": b"", "data/sub/y.bin": os.urandom(50_000),
+               **{f"data/many/{i:04d}": b"m%d" % i for i in range(1200)}}  # two pages
+    seaweed.upload(name, objects)
+    heads: list[bytes] = []
+    with LatencyProxy(seaweed.address) as proxy:
+        proxy.authorize = lambda head: heads.append(head) is None
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CACHEFS_"))}
+        env.update(seaweed.env)
+        with mounted(f"s3://{name}", tmp_path / "mnt", tmp_path / "cache", env, "--endpoint-url", proxy.url) as m:
+            assert sorted(os.listdir(m.path / "data")) == ["many", "pct%41", "plus+sign", "sp ace.txt", "sub", "ü"]
+            assert os.listdir(m.path / "data" / "sub") == ["y.bin"]
+            assert sorted(os.listdir(m.path / "data" / "many")) == [f"{i:04d}" for i in range(1200)]
+            for key in ("data/sp ace.txt", "data/plus+sign", "data/pct%41", "data/ü/x", "data/sub/y.bin"):
+                assert (m.path / key).read_bytes() == objects[key]
+    listings = [h for h in heads if h.startswith(b"GET /") and b"list-type=2" in h.split(b"\r\n")[0]]
+    by_rest = [h for h in listings if b"User-Agent: " + s3_rest.USER_AGENT.encode() in h]
+    assert len(listings) - len(by_rest) <= 1, "listings went through botocore"  # the bucket check
+    assert len(by_rest) >= 4  # data/, data/sub/, data/many/ (two pages), data/ü/ or the root
 
 
 def test_mount_with_an_account_key_reads_through_obstore(azurite: Server, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cachefs.backends import s3_rest
 from cachefs.testing.iam import IamServer
 from cachefs.testing.proxy import LatencyProxy
 from cachefs.testing.servers import Server
@@ -73,6 +74,10 @@ def test_reads_prefetch_and_writes_across_token_expiries(store: IamStore, tmp_pa
     big = os.urandom(6 * BLOCK)
     store.server.upload(store.bucket, {**small, **many, "big.bin": big})
     env = store.env(CACHEFS_S3_DATA_PATH=data_path)
+    heads: list[bytes] = []
+    authorize = store.proxy.authorize
+    assert authorize is not None
+    store.proxy.authorize = lambda head: heads.append(head) is None and authorize(head)
     started = time.monotonic()
     with mounted(f"cos://{store.bucket}", tmp_path / "mnt", tmp_path / "cache", env, *store.args,
                  "--read-write", "--metadata-ttl", "1", "--prefetch-concurrency", "2") as m:
@@ -97,6 +102,10 @@ def test_reads_prefetch_and_writes_across_token_expiries(store: IamStore, tmp_pa
         assert store.server.get(store.bucket, "out.bin") == b"written with a bearer token"
     assert str(tmp_path / "mnt") not in fuse_mounts()
     assert store.iam.denied == [] and store.proxy.stats.denied == 0
+    # Listings after the mount's bucket check are sent by s3_rest, with the bearer token too.
+    listings = [h for h in heads if b"list-type=2" in h.split(b"\r\n")[0]]
+    assert len(listings) >= 3
+    assert all(b"User-Agent: " + s3_rest.USER_AGENT.encode() in h for h in listings[1:])
     tokens_used = [t for t, n in store.iam.used.items() if n]
     print(f"\n{data_path}: reads for {elapsed:.1f} s, {store.iam.grants} tokens issued, {len(tokens_used)} used, "
           f"{sum(store.iam.used.values())} requests authorised")

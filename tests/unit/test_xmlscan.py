@@ -8,7 +8,7 @@ from xml.etree import ElementTree
 import pytest
 
 from cachefs.backends.azure_rest import _parse_list_blobs_tree, http_date_ts, parse_list_blobs
-from cachefs.backends.s3 import _parse_listing, _parse_listing_tree
+from cachefs.backends.s3 import _parse_listing, _parse_listing_tree, _scan_objects
 
 S3_PAGE = (b'<?xml version="1.0" encoding="UTF-8"?>\n'
            b'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><Prefix>d/</Prefix>'
@@ -42,6 +42,58 @@ def test_s3_page_reads_as_elementtree_reads_it() -> None:
     assert page.objects[0].mtime == 1795991877.0
     assert page.prefixes == ["d/sub dir/"]
     assert page.token == "tok&en"
+
+
+def s3_page(objects: list[str], prefixes: str = "", head: str = "<IsTruncated>true</IsTruncated>",
+            tail: str = "<NextContinuationToken>t</NextContinuationToken><EncodingType>url</EncodingType>") -> bytes:
+    return ('<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"<Name>b</Name>{head}{''.join(objects)}{prefixes}{tail}</ListBucketResult>").encode()
+
+
+def aws_object(key: str, etag: str = "&quot;0123abcd&quot;", extra: str = "") -> str:
+    return (f"<Contents><Key>{key}</Key><LastModified>2026-11-29T22:37:57.000Z</LastModified><ETag>{etag}</ETag>"
+            f"{extra}<Size>{len(key)}</Size><Owner><ID>x</ID><DisplayName>y</DisplayName></Owner>"
+            "<StorageClass>STANDARD</StorageClass></Contents>")
+
+
+def seaweed_object(key: str) -> str:
+    return (f"<Contents><Key>{key}</Key><ETag>&#34;e{len(key)}&#34;</ETag><Size>{len(key)}</Size>"
+            f"<StorageClass>STANDARD</StorageClass><LastModified>2026-11-29T22:37:5{len(key) % 10}Z</LastModified>"
+            "</Contents>")
+
+
+KEYS = ["d/plain", "d/a+b%2Bc%25", "d/amp%26%3C", "d/x&amp;y", "d/%E2%9C%93", "d/a//b", "d/marker/"]
+
+
+@pytest.mark.parametrize("shape", [aws_object, seaweed_object])
+def test_s3_pages_of_one_shape_are_read_by_one_pattern(shape: object) -> None:
+    """Each store's object shape, learnt from the first object: the page is read by the one-pattern
+    path and says what ElementTree says (URL-decoded keys, entities, quotes off the ETags)."""
+    body = s3_page([shape(k) for k in KEYS],  # type: ignore[operator]
+                   "<CommonPrefixes><Prefix>d/sub%20dir/</Prefix></CommonPrefixes>")
+    assert _scan_objects(body.decode()) is not None
+    page = _parse_listing(body)
+    assert page == _parse_listing_tree(body)
+    assert [o.key for o in page.objects] == ["d/plain", "d/a b+c%", "d/amp&<", "d/x&y", "d/✓", "d/a//b", "d/marker/"]
+    assert page.prefixes == ["d/sub dir/"] and page.token == "t"
+    pretty = body.replace(b"><", b">\n  <")  # whitespace between elements (moto writes it)
+    assert _scan_objects(pretty.decode()) is not None and _parse_listing(pretty) == page
+
+
+def test_s3_pages_of_mixed_shapes_are_read_leaf_by_leaf() -> None:
+    """An object unlike the first (a checksum leaf the first lacks, an unquoted or odd ETag) sends
+    the page to the leaf scanner, which reads it as ElementTree does."""
+    for odd in (aws_object("d/k2", extra="<ChecksumAlgorithm>CRC32</ChecksumAlgorithm>"),
+                aws_object("d/k2", etag="0123"), aws_object("d/k2", etag="&quot;a&amp;b&quot;"),
+                seaweed_object("d/k2")):
+        body = s3_page([aws_object("d/k1"), odd, aws_object("d/k3")])
+        assert _scan_objects(body.decode()) is None
+        page = _parse_listing(body)
+        assert page == _parse_listing_tree(body)
+        assert [o.key for o in page.objects] == ["d/k1", "d/k2", "d/k3"]
+    empty = s3_page([], "<CommonPrefixes><Prefix>d/p/</Prefix></CommonPrefixes>", head="", tail="")
+    assert _parse_listing(empty) == _parse_listing_tree(empty)
+    assert _parse_listing(empty).prefixes == ["d/p/"] and _parse_listing(empty).token is None
 
 
 def test_s3_last_page_has_no_token() -> None:
