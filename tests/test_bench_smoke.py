@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE_FILES = 300  # bench/run.py's SMOKE: 300 files, 2 epochs, 3 filesystems, plus the large file
-FILESYSTEMS = ("native", "cachefs", "cachefs+prefetch")
+SMOKE_FILES = 300  # bench/run.py's SMOKE: 300 files, 2 epochs, 4 filesystems, plus the large file
+FILESYSTEMS = ("native", "bare-fuse", "cachefs", "cachefs+prefetch")
 SMOKE_WRITE_FILES = 40  # SMOKE's write phase: a 20 MiB file (multipart) and 40 small files, cachefs only
 
 
